@@ -51,12 +51,8 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(
-        "resnet18", {}, 32, "layer4", ("maxpool", "layer1", "layer2", "layer3", "layer4")
-    ),
-    "resnet34": ModelSpec(
-        "resnet34", {}, 32, "layer4", ("maxpool", "layer1", "layer2", "layer3", "layer4")
-    ),
+    "resnet18": ModelSpec("resnet18", {}, 32, "layer4", ("maxpool", "layer1", "layer2", "layer3", "layer4")),
+    "resnet34": ModelSpec("resnet34", {}, 32, "layer4", ("maxpool", "layer1", "layer2", "layer3", "layer4")),
     "inception_v3": ModelSpec(
         "inception_v3",
         {"aux_logits": True},
@@ -140,6 +136,7 @@ def forward_with_aux(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 # --- weights -------------------------------------------------------------------------------------
 
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from a .safetensors or .pth/.pt/.bin file, never executing pickled code."""
     path = Path(path)
@@ -179,11 +176,11 @@ def remap_keys(state: dict[str, torch.Tensor], target_keys: set[str]) -> dict[st
             changed = False
             for prefix in _PREFIXES:
                 if new.startswith(prefix) and new not in target_keys:
-                    new, changed = new[len(prefix):], True
+                    new, changed = new[len(prefix) :], True
         if new not in target_keys:
             for old, replacement in _HEAD_ALIASES.items():
-                if new.startswith(old) and replacement + new[len(old):] in target_keys:
-                    new = replacement + new[len(old):]
+                if new.startswith(old) and replacement + new[len(old) :] in target_keys:
+                    new = replacement + new[len(old) :]
         out[new] = value
     return out
 

@@ -1,0 +1,170 @@
+"""Command line: a thin layer over the library; every command calls one library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxrlens.errors import CxrlensError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Train, ensemble and explain chest X-ray classifiers.",
+)
+
+
+@app.command()
+def train(
+    model: Annotated[
+        str, typer.Option(help="resnet18, resnet34, inception_v3, inception_resnet_v2, densenet161")
+    ] = "resnet18",
+    data: Annotated[str, typer.Option(help="data folder or manifest (default: bundled data/cxr3)")] = "",
+    out: Annotated[str, typer.Option(help="run folder to write")] = "runs/resnet18",
+    taxonomy: Annotated[str, typer.Option(help="cxr3 or paper14")] = "cxr3",
+    epochs: int = 20,
+    image_size: int = 224,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    max_images: Annotated[int | None, typer.Option(help="use at most this many training images")] = None,
+    seed: int = 1701,
+    weights: Annotated[str | None, typer.Option(help="local pretrained weights (.safetensors or .pth)")] = None,
+    precision: Annotated[str, typer.Option(help="32-true, bf16-mixed, 16-mixed")] = "32-true",
+    devices: int = 1,
+    accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu")] = "auto",
+    augment: Annotated[bool, typer.Option(help="X-ray-safe augmentation")] = True,
+    schedule: Annotated[str, typer.Option(help="cosine or constant")] = "cosine",
+    early_stopping: Annotated[int, typer.Option(help="patience in epochs; 0 = off")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+) -> None:
+    """Train one model and write a run folder (weights, config, history, thresholds)."""
+    from cxrlens.models import get_spec
+    from cxrlens.runs import TrainConfig
+    from cxrlens.taxonomy import get_taxonomy
+    from cxrlens.train import train as train_model
+
+    get_spec(model), get_taxonomy(taxonomy)
+    if schedule not in ("cosine", "constant"):
+        raise CxrlensError(f"--schedule must be cosine or constant, not '{schedule}'")
+    config = TrainConfig(
+        model=model,
+        data=data,
+        out=out,
+        taxonomy=taxonomy,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_images=max_images,
+        seed=seed,
+        weights=weights,
+        precision=precision,
+        devices=devices,
+        accelerator=accelerator,
+        augment=augment,
+        schedule=schedule,
+        early_stopping=early_stopping,
+    )
+    run_dir = train_model(config, resume=resume)
+    typer.echo(f"run written to {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[str, typer.Option(help="run folder")],
+    data: Annotated[str | None, typer.Option(help="another data set (any supported manifest)")] = None,
+    split: Annotated[str, typer.Option(help="split to evaluate; 'all' for every image")] = "test",
+    threshold: Annotated[str, typer.Option(help="number, or 'tuned' for thresholds chosen on val")] = "0.51",
+    out: Annotated[str | None, typer.Option(help="output folder (default RUN/eval-SPLIT)")] = None,
+) -> None:
+    """Per-class metrics of a run on a split, with plots."""
+    from cxrlens.evaluate import evaluate_run
+
+    metrics = evaluate_run(run, data, None if split == "all" else split, threshold, out)
+    f1 = ", ".join(f"{c} {m['f1']:.3f}" for c, m in metrics["classes"].items())
+    typer.echo(f"F1: {f1}; micro {metrics['micro']['f1']:.3f}, macro {metrics['macro']['f1']:.3f}")
+
+
+@app.command()
+def ensemble(
+    runs: Annotated[list[str], typer.Option("--runs", help="run folders (repeat the option)")],
+    vote: Annotated[str, typer.Option(help="soft, majority or both")] = "both",
+    data: str | None = None,
+    split: str = "test",
+    threshold: str = "0.51",
+    out: str = "runs/ensemble",
+) -> None:
+    """Evaluate the soft-vote and/or majority-vote ensemble of several runs."""
+    from cxrlens.ensemble import VOTES, ensemble_runs
+
+    votes = VOTES if vote == "both" else (vote,)
+    results = ensemble_runs(runs, votes, data, None if split == "all" else split, threshold, out)
+    for name, metrics in results.items():
+        f1 = ", ".join(f"{c} {m['f1']:.3f}" for c, m in metrics["classes"].items())
+        typer.echo(f"{name} vote F1: {f1}; written to {Path(out) / name}")
+
+
+@app.command()
+def split(
+    data: Annotated[str, typer.Option(help="data folder or manifest")],
+    out: Annotated[str, typer.Option(help="labels.csv to write (with a new split column)")],
+    fractions: Annotated[str, typer.Option(help="e.g. 0.7,0.15,0.15 or 0.6,0.4")] = "0.7,0.15,0.15",
+    names: Annotated[str, typer.Option(help="e.g. train,val,test or train,test")] = "train,val,test",
+    seed: int = 0,
+    taxonomy: str = "cxr3",
+) -> None:
+    """Write a manifest with a new patient-level split, stratified by class."""
+    from cxrlens.data import load_manifest, patient_split, write_manifest
+    from cxrlens.taxonomy import get_taxonomy
+
+    try:
+        parts = tuple(float(f) for f in fractions.split(","))
+    except ValueError:
+        raise CxrlensError(f"--fractions must be numbers separated by commas, not '{fractions}'") from None
+    manifest = patient_split(load_manifest(data, get_taxonomy(taxonomy)), parts, tuple(names.split(",")), seed)
+    write_manifest(manifest, out)
+    typer.echo(f"{out}: {manifest.frame['split'].value_counts().to_dict()}")
+
+
+@app.command()
+def demo(
+    out: str = "runs/demo",
+    image_size: int = 128,
+    epochs: int = 0,
+    max_images: int | None = None,
+    models: Annotated[str, typer.Option(help="comma-separated model names, or 'all'")] = "all",
+) -> None:
+    """Train all five models on the bundled data at a reduced size, evaluate, ensemble, explain."""
+    from cxrlens.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, image_size=image_size, epochs=epochs or None, max_images=max_images, models=models))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except CxrlensError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        typer.echo("error: out of memory; lower --batch-size or --image-size", err=True)
+        sys.exit(2)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            typer.echo("error: out of memory on the device; lower --batch-size or --image-size", err=True)
+            sys.exit(2)
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted; a training run can continue with --resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: the vendored real data set and small real samples of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CXR3 = ROOT / "data" / "cxr3"
+LUNGMASKS = ROOT / "data" / "lungmasks"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cxr3_manifest():
+    from cxrlens.data import load_manifest
+
+    return load_manifest(CXR3)
+
+
+@pytest.fixture(scope="session")
+def real_batch(cxr3_manifest):
+    """12 real test-split images (4 per class) at 64 px with their targets."""
+    from cxrlens.data import XrayDataset
+
+    test = cxr3_manifest.split("test")
+    picks = []
+    for cls in ("covid", "pneumonia", "normal"):
+        picks += list(test.frame.index[test.frame["cls"] == cls][:4])
+    mask = test.frame.index.isin(picks)
+    dataset = XrayDataset(test.select(mask), 64)
+    images, targets = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(images), torch.stack(targets)
