@@ -142,7 +142,8 @@ def detail_markdown(metrics: dict, title: str) -> str:
     for name, m in metrics["classes"].items():
         lines.append(
             f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['specificity']:.3f} | {m['f1']:.3f} | "
-            f"{m['auroc']:.3f} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} | {m['threshold']:.2f} |"
+            f"{m['auroc']:.3f} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} "
+            f"| {m['threshold']:.2f} |"
         )
     for avg in ("micro", "macro"):
         m = metrics[avg]
