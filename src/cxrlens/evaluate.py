@@ -61,6 +61,11 @@ def best_f1_thresholds(probs: np.ndarray, targets: np.ndarray) -> list[float]:
     return [float(grid[i]) for i in np.argmax(scores - penalty, axis=0)]
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def compute_metrics(
     probs: np.ndarray,
     targets: np.ndarray,
@@ -100,7 +105,7 @@ def compute_metrics(
         "f1": float(_ratio(2 * TP, 2 * TP + FP + FN)),
     }
     keys = ("precision", "recall", "specificity", "f1", "auroc")
-    macro = {k: float(np.nanmean([per_class[c][k] for c in class_names])) for k in keys}
+    macro = {k: _nanmean([per_class[c][k] for c in class_names]) for k in keys}
     return {"n_images": int(len(probs)), "classes": per_class, "micro": micro, "macro": macro}
 
 
