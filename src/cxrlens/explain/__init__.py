@@ -1,0 +1,25 @@
+"""Local interpretability: attribution maps for the study's CNNs (and users' own models).
+
+* :mod:`~cxrlens.explain.rewrite` — ``make_explainable(model, example)``: a copy whose
+  nonlinearities are modules, each called once, with no in-place ops (needed by DeepLIFT and
+  Guided Backprop), checked to compute the same outputs.
+* :mod:`~cxrlens.explain.methods` — ``METHODS`` / ``attribute(model, images, targets, method=...)``
+  returning an :class:`Attribution` (maps [B, T, H, W], convergence deltas, metadata).
+* :mod:`~cxrlens.explain.figures` — overlays and grid figures.
+* :mod:`~cxrlens.explain.report` — ``explain_images(...)`` writes maps, overlays, a grid figure
+  and a JSON summary for a set of models and images (what the CLI calls).
+"""
+
+from cxrlens.explain.methods import METHODS, Attribution, attribute, get_method
+from cxrlens.explain.rewrite import RewriteError, find_hazards, is_explainable, make_explainable
+
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "RewriteError",
+    "attribute",
+    "find_hazards",
+    "get_method",
+    "is_explainable",
+    "make_explainable",
+]
