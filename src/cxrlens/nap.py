@@ -567,15 +567,14 @@ def _finish_layer(
 
 
 def _pairwise(x: np.ndarray, metric: str) -> np.ndarray:
-    g = x.shape[0]
-    out = np.full((g, g), np.nan)
-    for i in range(g):
-        for j in range(g):
-            if metric == "euclidean":
-                out[i, j] = np.sqrt(np.sum((x[i] - x[j]) ** 2))
-            else:
-                norm = np.linalg.norm(x[i]) * np.linalg.norm(x[j])
-                out[i, j] = 1.0 - float(x[i] @ x[j]) / norm if norm > 0 else np.nan
+    """[G, G] distances between the rows of ``x`` [G, D]; rows with NaN (empty groups) give NaN."""
+    if metric == "euclidean":  # from differences, not from a Gram matrix: no cancellation
+        return np.stack([np.sqrt(np.einsum("jd,jd->j", diff := x - row, diff)) for row in x])
+    gram = x @ x.T
+    norms = np.sqrt(np.diag(gram))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = 1.0 - gram / np.outer(norms, norms)
+    out[np.outer(norms, norms) == 0] = np.nan
     return out
 
 
@@ -713,9 +712,7 @@ def _mosaic(cells: list[list[np.ndarray]]) -> tuple[np.ndarray, list[float], lis
 def _bwr():
     import matplotlib
 
-    cmap = matplotlib.colormaps["bwr"].copy()
-    cmap.set_bad("#d9d9d9")  # the gaps between cells
-    return cmap
+    return matplotlib.colormaps["bwr"].with_extremes(bad="#d9d9d9")  # grey gaps between cells
 
 
 def plot_layer_grid(result: NapResult, layer: str) -> bytes:
