@@ -1,0 +1,233 @@
+"""Mask sets: chest X-rays with named binary masks (lungs, heart, opacity, devices), aligned with
+the model input.
+
+A mask folder holds ``masks.csv`` with an ``image`` column and one column per mask, each a path
+relative to the folder (empty where the radiologists drew nothing of that kind), as in
+``data/lungmasks``. Masks are brought to the model input with exactly the geometry of
+:class:`cxrlens.data.Preprocess` (long side resized to ``size``, centred, zero-padded to a square),
+with nearest-neighbour sampling, so mask pixel (y, x) covers input pixel (y, x).
+
+Derived masks (always present when ``lungs`` is):
+
+* ``image_region``: the part of the square input covered by the image (not zero padding);
+* ``padding``: the zero padding;
+* ``outside_body``: everything outside the thorax, defined as NOT (the union of ``lungs`` and
+  ``heart`` dilated by a disk of radius ``body_margin * size`` px, intersected with the image
+  region). The margin (6 % of the side by default) covers the ribs and chest wall lateral to the
+  lung outline, so what is left is neck, shoulders, arms, abdomen, borders, text, markers and the
+  padding: the places where source shortcuts live.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from cxrlens.data import Preprocess, read_image
+from cxrlens.errors import CxrlensError
+
+KNOWN_MASKS = ("lungs", "left_lung", "right_lung", "heart", "opacity", "devices")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".gif")
+DERIVED_MASKS = ("image_region", "padding", "outside_body")
+BODY_MARGIN = 0.06  # dilation of lungs+heart, as a share of the input side
+
+
+def input_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left) of an image of ``height`` x ``width`` inside a ``size`` input:
+    the same arithmetic as :class:`cxrlens.data.Preprocess`."""
+    factor = size / max(height, width)
+    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+
+
+def place_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A 2-D 0/1 (or 0/255) mask of the original image -> bool [size, size] aligned with the model input."""
+    h, w = mask.shape
+    new_h, new_w, top, left = input_geometry(h, w, size)
+    img = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L")
+    resized = np.asarray(img.resize((new_w, new_h), Image.Resampling.NEAREST)) >= 128
+    out = np.zeros((size, size), dtype=bool)
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def disk(radius: float) -> torch.Tensor:
+    """A disk of ones, [2r+1, 2r+1] float32."""
+    r = int(math.ceil(radius))
+    yy, xx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    return ((yy**2 + xx**2) <= radius**2 + 1e-6).float()
+
+
+def dilate(mask: torch.Tensor, radius: float) -> torch.Tensor:
+    """Binary dilation of masks [..., H, W] by a disk of ``radius`` px (radius 0: unchanged)."""
+    if radius <= 0:
+        return mask.bool()
+    kernel = disk(radius).to(mask.device)
+    shape = mask.shape
+    flat = mask.reshape(-1, 1, *shape[-2:]).float()
+    out = F.conv2d(flat, kernel[None, None], padding=kernel.shape[-1] // 2)
+    return (out > 0.5).reshape(shape)
+
+
+@dataclass
+class MaskSet:
+    """Images and masks of a mask folder at one input size.
+
+    images: [N, 3, S, S] model input (``Preprocess(size)``); masks: name -> bool [N, S, S], all False
+    where the mask is absent; present: name -> bool [N], whether the row has that mask (derived masks
+    are present wherever ``lungs`` is); frame: the CSV rows with an absolute ``path`` column.
+    """
+
+    folder: Path
+    csv: Path
+    size: int
+    frame: pd.DataFrame
+    images: torch.Tensor
+    masks: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    mask_columns: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.masks)
+
+    def mask(self, name: str) -> torch.Tensor:
+        if name not in self.masks:
+            raise CxrlensError(f"{self.csv}: no mask '{name}'; this mask set has: {', '.join(self.masks)}")
+        return self.masks[name]
+
+    def select(self, index: np.ndarray | list[int] | torch.Tensor) -> MaskSet:
+        """The rows ``index`` (integer positions) as a new mask set."""
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        return MaskSet(
+            self.folder,
+            self.csv,
+            self.size,
+            self.frame.iloc[idx.numpy()].reset_index(drop=True),
+            self.images[idx],
+            {k: v[idx] for k, v in self.masks.items()},
+            {k: v[idx] for k, v in self.present.items()},
+            self.mask_columns,
+        )
+
+
+def _mask_columns(frame: pd.DataFrame, csv: Path, wanted: list[str] | None) -> list[str]:
+    if wanted is not None:
+        missing = [c for c in wanted if c not in frame.columns]
+        if missing:
+            raise CxrlensError(
+                f"{csv}: no mask column '{missing[0]}'; the columns are: {', '.join(frame.columns)}"
+            )
+        return list(wanted)
+    columns = []
+    for column in frame.columns:
+        if column == "image":
+            continue
+        values = [v for v in frame[column] if v.strip()]
+        if column in KNOWN_MASKS or (values and all(v.lower().endswith(MASK_SUFFIXES) for v in values)):
+            columns.append(column)
+    return columns
+
+
+def _read_mask(path: Path, csv: Path, line: int, column: str) -> np.ndarray:
+    if not path.is_file():
+        raise CxrlensError(f"{csv}, row {line}, column '{column}': mask file missing: {path}")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CxrlensError(
+            f"{csv}, row {line}, column '{column}': cannot read mask {path}: {str(exc).splitlines()[0][:120]}"
+        ) from None
+
+
+def load_mask_set(
+    folder: str | Path,
+    size: int = 224,
+    mask_columns: list[str] | None = None,
+    body_margin: float = BODY_MARGIN,
+    max_images: int | None = None,
+) -> MaskSet:
+    """Read a mask folder (``masks.csv`` + files; or the CSV itself) at model input size ``size``.
+
+    ``mask_columns``: the mask columns to read; default: the known ones present
+    (lungs, left_lung, right_lung, heart, opacity, devices) and any other column whose values are
+    all PNG/BMP/TIFF/GIF paths. ``max_images``: read only the first rows (quick runs).
+    Errors name the CSV, the row (CSV line number) and the file.
+    """
+    folder = Path(folder)
+    csv = folder if folder.suffix.lower() == ".csv" else folder / "masks.csv"
+    if not csv.is_file():
+        raise CxrlensError(
+            f"no masks.csv in {folder}; a mask folder holds masks.csv with an 'image' column and one column "
+            "per mask (paths relative to the folder), like data/lungmasks"
+        )
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise CxrlensError(f"cannot read {csv}: {str(exc).splitlines()[0][:160]}") from None
+    if "image" not in frame.columns:
+        raise CxrlensError(f"{csv}: no 'image' column; the columns are: {', '.join(frame.columns)}")
+    if frame.empty:
+        raise CxrlensError(f"{csv} has no rows")
+    if max_images is not None:
+        frame = frame.iloc[:max_images]
+    columns = _mask_columns(frame, csv, mask_columns)
+    if not columns:
+        raise CxrlensError(f"{csv}: no mask columns found (e.g. 'lungs' with PNG paths); pass mask_columns")
+    root = csv.parent
+    preprocess = Preprocess(size)
+    n = len(frame)
+    images = torch.empty(n, 3, size, size)
+    masks = {c: torch.zeros(n, size, size, dtype=torch.bool) for c in columns}
+    present = {c: torch.zeros(n, dtype=torch.bool) for c in columns}
+    region = torch.zeros(n, size, size, dtype=torch.bool)
+    paths = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        line = i + 2  # CSV line: header is line 1
+        image_rel = str(row.image).strip()
+        if not image_rel:
+            raise CxrlensError(f"{csv}, row {line}: empty 'image'")
+        image_path = root / image_rel
+        if not image_path.is_file():
+            raise CxrlensError(f"{csv}, row {line}: image file missing: {image_path}")
+        pixels = read_image(image_path)
+        images[i] = preprocess(pixels).expand(3, -1, -1)
+        paths.append(str(image_path.resolve()))
+        h, w = pixels.shape
+        new_h, new_w, top, left = input_geometry(h, w, size)
+        region[i, top : top + new_h, left : left + new_w] = True
+        for column in columns:
+            rel = str(getattr(row, column) if column.isidentifier() else frame[column].iat[i]).strip()
+            if not rel:
+                continue
+            mask_path = root / rel
+            mask = _read_mask(mask_path, csv, line, column)
+            if mask.shape != (h, w):
+                raise CxrlensError(
+                    f"{csv}, row {line}, column '{column}': mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} "
+                    f"but image {image_path.name} is {w}x{h}; masks must have exactly their image's size"
+                )
+            masks[column][i] = torch.from_numpy(place_mask(mask, size))
+            present[column][i] = True
+    if "lungs" in masks:
+        body = masks["lungs"] | masks["heart"] if "heart" in masks else masks["lungs"]
+        body = dilate(body, body_margin * size) & region
+        masks["outside_body"] = ~body
+        masks["image_region"] = region
+        masks["padding"] = ~region
+        for name in DERIVED_MASKS:
+            present[name] = present["lungs"].clone()
+    frame = frame.reset_index(drop=True).copy()
+    frame["path"] = paths
+    return MaskSet(folder, csv, size, frame, images, masks, present, tuple(columns))
