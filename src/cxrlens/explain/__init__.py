@@ -10,7 +10,9 @@
   and a JSON summary for a set of models and images (what the CLI calls).
 """
 
+from cxrlens.explain.figures import grid_figure, overlay
 from cxrlens.explain.methods import METHODS, Attribution, attribute, get_method
+from cxrlens.explain.report import explain_images
 from cxrlens.explain.rewrite import RewriteError, find_hazards, is_explainable, make_explainable
 
 __all__ = [
@@ -18,8 +20,11 @@ __all__ = [
     "Attribution",
     "RewriteError",
     "attribute",
+    "explain_images",
     "find_hazards",
     "get_method",
+    "grid_figure",
     "is_explainable",
     "make_explainable",
+    "overlay",
 ]
