@@ -114,6 +114,41 @@ def test_closed_form_gradient_weighted():
         np.testing.assert_array_equal(result.layers[layer].dead, [False, False, True, True])  # raw activations
 
 
+class InPlace(Toy):
+    """Overwrites the conv output in place after the hook saw it, and runs ``act`` twice."""
+
+    def forward(self, x):
+        c = self.conv(x)
+        c += 100.0
+        return self.head(self.act(c).mean(dim=(2, 3)))
+
+    def twice(self, x):
+        return self.head(self.act(self.act(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("gradient", [False, True])
+def test_outputs_changed_in_place_are_copied(gradient):
+    batches, pattern, scales, labels = _toy_batches()
+    result = compute_naps(
+        {"m": InPlace()}, batches, CLASSES, layers=["conv"], gradient_weighted=gradient, progress=False
+    )["m"]
+    expected, _ = _closed_form(pattern, scales, labels, "act")
+    if not gradient:
+        expected[:, 3] = -expected[:, 0] - 1  # conv output before the ReLU
+        np.testing.assert_array_equal(result.layers["conv"].nap, expected)
+    else:  # the gradient still reaches the copied tensor: d logit / d conv = w_c * relu'(c + 100) / positions
+        weight = Toy().head.weight[0].detach().double().numpy()
+        np.testing.assert_allclose(result.layers["conv"].nap[:, :3], expected[:, :3] * weight[:3, None, None] / 64)
+
+
+def test_layer_running_twice_is_refused():
+    model = InPlace()
+    model.forward = model.twice
+    batches, *_ = _toy_batches()
+    with pytest.raises(CxrlensError, match="more than once"):
+        compute_naps({"m": model}, batches, CLASSES, layers=["act"], progress=False)
+
+
 # --- (2) streaming == direct on real images --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -213,6 +248,30 @@ def test_streaming_equals_direct_on_real_images(small_manifest, tmp_path, groups
     assert [g["images"] for g in stats["groups"]] == list(counts)
     assert stats["layers"]["layer2"]["dead_maps"] == int(expected["layer2"]["dead"].sum())
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_run_nap_with_loaded_runs(small_manifest, tmp_path):
+    from cxrlens.models import create_model
+    from cxrlens.runs import TrainConfig, load_run, save_model_weights
+
+    for name in ("a", "b"):  # two runs: their names pick the output files
+        run_dir = tmp_path / name / "run"
+        TrainConfig(model="resnet18", image_size=48, out=str(run_dir)).save(run_dir)
+        save_model_weights(create_model("resnet18", 3), run_dir / "best.safetensors")
+    runs = [load_run(tmp_path / n / "run") for n in ("a", "b")]
+    out = run_nap(runs, small_manifest, tmp_path / "nap", layers=["layer3"], groups=["Normal", "~Normal"],
+                  progress=False, figures=False)
+    assert sorted(out["results"]) == ["run", "run_2"]
+    assert (tmp_path / "nap" / "nap_run.npz").is_file() and (tmp_path / "nap" / "nap_run_2.npz").is_file()
+    stats = out["stats"]["models"]["run"]
+    assert stats["image_size"] == 48 and stats["architecture"] == "resnet18"
+    assert [g["images"] for g in stats["groups"]] == [4, 8]
+    assert stats["layers"]["layer3"]["shape"] == [256, 3, 3]
+    from cxrlens.taxonomy import PAPER14
+
+    other = small_manifest.__class__(small_manifest.frame, np.zeros((12, 14), np.float32), PAPER14, tmp_path)
+    with pytest.raises(CxrlensError, match="taxonomy"):
+        run_nap(runs, other, tmp_path / "x", progress=False)
 
 
 # --- (3) memory stays flat ----------------------------------------------------------------------

@@ -416,6 +416,7 @@ class _ModelProfiler:
         self.calls: dict[str, int] = {}
         self.clone: set[str] = set()  # layers whose output is changed in place later in the forward
         self.handles: list = []
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     def __enter__(self) -> _ModelProfiler:
         self.was_training = self.model.training
@@ -448,32 +449,19 @@ class _ModelProfiler:
         return hook
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        self.captured.clear()
-        self.calls.clear()
-        if self.gradient_class is None:
-            with torch.no_grad():  # not inference_mode: version counters must work (in-place check)
-                logits = self.model(images)
-            grads = None
-        else:
-            with torch.enable_grad():
-                x = images.detach().requires_grad_(True)  # a graph even if the weights are frozen
+        """Logits and, when gradient-weighted, d(class logit)/d(activation) of every hooked layer."""
+        grad_mode = self.gradient_class is not None
+        for attempt in range(2):
+            self.captured.clear()
+            self.calls.clear()
+            # no_grad, not inference_mode: version counters must work for the in-place check below
+            with torch.enable_grad() if grad_mode else torch.no_grad():
+                x = images.detach().requires_grad_(grad_mode)  # a graph even if the weights are frozen
                 logits = self.model(x)
-                self._check_logits(logits)
-                score = logits[:, self.gradient_class].sum()  # images are independent in eval mode
-                acts = [self.captured[n] for n in self.layers if n in self.captured]
-                grads = list(torch.autograd.grad(score, acts, allow_unused=True))
-            logits = logits.detach()
-        return logits, grads
-
-    def _check_logits(self, logits: torch.Tensor) -> None:
-        if logits.dim() != 2 or (self.num_classes is not None and logits.shape[1] != self.num_classes):
-            raise CxrlensError(
-                f"model {self.name} outputs shape {tuple(logits.shape)}, but the taxonomy has "
-                f"{self.num_classes} classes; use a model trained on this taxonomy"
-            )
-
-    def update(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        logits, grads = self._forward(images)
+            changed = {n for n, t in self.captured.items() if t._version != self.versions[n]}
+            if not changed or attempt == 1:
+                break
+            self.clone |= changed  # a later in-place op overwrote a captured output: hand on a copy, redo
         missing = [n for n in self.layers if n not in self.captured]
         if missing:
             raise CxrlensError(f"layer(s) {', '.join(missing)} of {self.name} did not run in the forward pass")
@@ -483,12 +471,23 @@ class _ModelProfiler:
                 f"layer(s) {', '.join(repeated)} of {self.name} run more than once per forward pass, so their "
                 "feature maps are ambiguous; choose modules that run once (e.g. a whole stage)"
             )
-        changed = {n for n, t in self.captured.items() if t._version != self.versions[n]}
-        if changed:  # a later in-place op overwrote the captured output: clone it from now on, redo
-            self.clone |= changed
-            logits, grads = self._forward(images)
-        if self.need_predictions or self.gradient_class is not None:
+        if self.need_predictions or grad_mode:
             self._check_logits(logits)
+        if not grad_mode:
+            return logits, None
+        score = logits[:, self.gradient_class].sum()  # images are independent in eval mode
+        grads = torch.autograd.grad(score, [self.captured[n] for n in self.layers], allow_unused=True)
+        return logits.detach(), list(grads)
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        if logits.dim() != 2 or (self.num_classes is not None and logits.shape[1] != self.num_classes):
+            raise CxrlensError(
+                f"model {self.name} outputs shape {tuple(logits.shape)}, but the taxonomy has "
+                f"{self.num_classes} classes; use a model trained on this taxonomy"
+            )
+
+    def update(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, grads = self._forward(images.to(self.device))
         labels = targets.detach().cpu() > 0.5
         predictions = (torch.sigmoid(logits.float()).cpu() >= PRED_THRESHOLD) if self.need_predictions else None
         masks = torch.stack(
