@@ -179,6 +179,11 @@ def test_cohen_metadata_format(tmp_path):
     assert m.targets.tolist()[0] == [1, 1, 0] and m.targets.tolist()[-1] == [0, 0, 1]
     paper = load_manifest(tmp_path / "metadata.csv", PAPER14)
     assert paper.targets[2, PAPER14.classes.index("Streptococcus")] == 1
+    # a missing file is reported with its line in metadata.csv, although the lateral view was dropped
+    meta.loc[len(meta)] = ["9", "COVID-19", "PA", "lost.png"]
+    meta.to_csv(tmp_path / "metadata.csv", index=False)
+    with pytest.raises(CxrlensError, match=r"metadata.csv, row 8: image file missing: .*lost.png"):
+        load_manifest(tmp_path)
 
 
 def test_class_folder_format_with_split_folders(tmp_path):

@@ -182,7 +182,7 @@ class Manifest:
         return self.select(self.frame["split"] == name)
 
     def head(self, n: int | None, seed: int = 0) -> Manifest:
-        """At most ``n`` rows, drawn at random but keeping every class (for quick runs)."""
+        """At most ``n`` rows drawn at random (for quick runs), kept in their original order."""
         if n is None or n >= len(self):
             return self
         order = np.random.default_rng(seed).permutation(len(self))
@@ -217,20 +217,21 @@ def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3) -
     )
 
 
-def _finish(rows: pd.DataFrame, source: Path, taxonomy: Taxonomy, line_offset: int = 2) -> Manifest:
-    """Derive targets, check files exist, fill optional columns."""
+def _finish(rows: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
+    """Derive targets, check files exist, fill optional columns. Errors name the CSV line (``_line``)."""
+    lines = rows.pop("_line").tolist() if "_line" in rows else [i + 2 for i in range(len(rows))]
     targets = np.zeros((len(rows), taxonomy.num_classes), dtype=np.float32)
     for i, finding in enumerate(rows["finding"]):
         try:
             targets[i] = taxonomy.encode(finding)
         except KeyError:
             raise CxrlensError(
-                f"{source}, row {i + line_offset}: unknown label '{finding}'; taxonomy '{taxonomy.name}' knows "
+                f"{source}, row {lines[i]}: unknown label '{finding}'; taxonomy '{taxonomy.name}' knows "
                 f"{', '.join(taxonomy.classes)} (use --taxonomy or fix the row)"
             ) from None
     for i, path in enumerate(rows["path"]):
         if not os.path.isfile(path):
-            raise CxrlensError(f"{source}, row {i + line_offset}: image file missing: {path}")
+            raise CxrlensError(f"{source}, row {lines[i]}: image file missing: {path}")
     for column, default in (("split", ""), ("source", "unknown")):
         if column not in rows:
             rows[column] = default
@@ -271,8 +272,7 @@ def _read_cohen(frame: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manife
     rows = rows[known]
     if rows.empty:
         raise CxrlensError(f"{source}: no frontal X-ray with a known finding; check the 'view' and 'finding' columns")
-    manifest = _finish(rows.drop(columns="_line").reset_index(drop=True), source, taxonomy)
-    return manifest
+    return _finish(rows.reset_index(drop=True), source, taxonomy)
 
 
 def _knows(taxonomy: Taxonomy, finding: str) -> bool:
