@@ -206,12 +206,20 @@ class InferenceQueue:
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"upload larger than the limit of {limit / MB:.0f} MB; send a smaller image")
+        super().__init__(413, f"upload larger than the limit of {limit / MB:g} MB; send a smaller image")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` by Content-Length before reading, and stop
-    reading a body without one (chunked) as soon as it grows past the limit."""
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class Guard:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would swallow errors raised while reading
+    the body): refuse bodies over ``max_bytes`` by Content-Length before reading, stop reading a body
+    without one (chunked) as soon as it grows past the limit, and add security headers."""
 
     def __init__(self, app: Any, max_bytes: int, file_limit: int) -> None:
         self.app, self.max_bytes, self.file_limit = app, max_bytes, file_limit
@@ -225,7 +233,7 @@ class BodyLimit:
             error = BodyTooLarge(self.file_limit)
             status = 413 if length.isdigit() else 400
             response = JSONResponse({"detail": error.detail if status == 413 else "bad Content-Length"}, status)
-            await response(scope, receive, send)
+            await response(scope, receive, _with_headers(send))
             return
         received = 0
         started = False
@@ -241,7 +249,9 @@ class BodyLimit:
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
         try:
@@ -249,7 +259,16 @@ class BodyLimit:
         except BodyTooLarge as error:
             if started:
                 raise
-            await JSONResponse({"detail": error.detail}, 413)(scope, receive, send)
+            await JSONResponse({"detail": error.detail}, 413)(scope, receive, _with_headers(send))
+
+
+def _with_headers(send: Callable) -> Callable:
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+        await send(message)
+
+    return wrapped
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -340,14 +359,6 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}", "errors": exc.errors()},
                             422)
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
 
     # -- pages --
 
@@ -548,7 +559,7 @@ def create_app(
         """Fleiss' kappa between raters and mean score per model, method and model x method."""
         return _jsonable(store.summary())
 
-    app.add_middleware(BodyLimit, max_bytes=file_limit + FORM_OVERHEAD, file_limit=file_limit)
+    app.add_middleware(Guard, max_bytes=file_limit + FORM_OVERHEAD, file_limit=file_limit)
     return app
 
 
