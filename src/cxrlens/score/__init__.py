@@ -1,0 +1,48 @@
+"""Measured interpretability: a scorecard of models x attribution methods, and a shortcut detector.
+
+* :mod:`~cxrlens.score.masks` — ``load_mask_set(folder, size)``: images and radiologists' masks
+  aligned with the model input, plus a derived ``outside_body`` mask.
+* :mod:`~cxrlens.score.metrics` — batched metrics: lung focus / relevance mass accuracy
+  (``mass_share``), ``relevance_rank_accuracy``, ``pointing_game``, deletion / insertion curves
+  (``perturbation_curves``, ``faithfulness``), ``cascading_randomisation``, ``max_sensitivity``,
+  ``spearman``, ``ssim``, ``bootstrap_ci``.
+* :mod:`~cxrlens.score.shortcut` — per-source performance, a source-prediction probe on the
+  penultimate features and a verdict per model written from the numbers.
+* :mod:`~cxrlens.score.scorecard` — ``run_scorecard(runs, mask_dir, methods, out_dir, ...)``, the
+  library entry that ``cxrlens score`` calls.
+"""
+
+from cxrlens.score.masks import MaskSet, load_mask_set
+from cxrlens.score.metrics import (
+    bootstrap_ci,
+    cascading_randomisation,
+    faithfulness,
+    mass_share,
+    max_sensitivity,
+    perturbation_curves,
+    pointing_game,
+    relevance_rank_accuracy,
+    spearman,
+    ssim,
+)
+from cxrlens.score.scorecard import Scorecard, run_scorecard
+from cxrlens.score.shortcut import model_verdict, source_probe
+
+__all__ = [
+    "MaskSet",
+    "Scorecard",
+    "bootstrap_ci",
+    "cascading_randomisation",
+    "faithfulness",
+    "load_mask_set",
+    "mass_share",
+    "max_sensitivity",
+    "model_verdict",
+    "perturbation_curves",
+    "pointing_game",
+    "relevance_rank_accuracy",
+    "run_scorecard",
+    "source_probe",
+    "spearman",
+    "ssim",
+]
