@@ -369,6 +369,10 @@ def create_app(
     for route, page in PAGES.items():
         app.add_api_route(route, (lambda page=page: _page(page)), methods=["GET"], include_in_schema=False)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return _page("favicon.svg")
+
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str) -> Response:
         if name not in static:  # a lookup in a dict: no path from the request reaches the disk
