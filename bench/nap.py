@@ -6,7 +6,7 @@ layer1-4), folds every batch into the four default groups' float64 sums, min/max
 and finishes (contrastive NAPs, distances, rankings); figures and files are not part of it. Runs
 alternate and the best of ``--repeats`` is reported, so load from other processes hurts both alike.
 Goal: ratio (NAP images/s / plain images/s) >= 0.8.
-Usage: python bench/nap.py [--images 64] [--size 128] [--batch 16] [--repeats 5] [--gradient]
+Usage: python bench/nap.py [--images 64] [--size 128] [--batch 16] [--repeats 7] [--gradient]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gradient", action="store_true", help="also time gradient-weighted NAPs")
     args = parser.parse_args()
 
