@@ -402,6 +402,7 @@ def test_prediction_atoms_and_group_specs():
         ("COVID-19)", "unexpected ')'"),
         ("& Normal", "unexpected '&'"),
         ("Flu", "unknown class 'Flu'"),
+        ("Normal &\n", "ends where"),  # the message stays one line
         ("pred:Flu", "unknown class 'Flu'"),
         ("__import__('os').system('true')", "unknown class"),
         ("Normal Pneumonia", "unknown class 'Normal Pneumonia'"),

@@ -113,8 +113,9 @@ class _Parser:
         self.depth = 0
 
     def fail(self, problem: str) -> CxrlensError:
+        text = " ".join(self.text.split())  # one line, whatever the user typed
         return CxrlensError(
-            f"group expression '{self.text}': {problem}; combine class names ({', '.join(self.classes)}) "
+            f"group expression '{text}': {problem}; combine class names ({', '.join(self.classes)}) "
             "with & (and), | (or), ~ (not) and parentheses, e.g. 'Pneumonia & ~COVID-19'"
         )
 
