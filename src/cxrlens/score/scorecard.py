@@ -204,7 +204,7 @@ def score_model(
         model = make_explainable(model, images[:1])
     with torch.no_grad():
         probs = torch.sigmoid(torch.cat([model(x).float() for x in images.split(max_batch)])).cpu().numpy()
-    masks = {k: v for k, v in mask_set.masks.items()}
+    masks = mask_set.masks
     lungs = masks["lungs"]
     opacity = masks.get("opacity", torch.zeros_like(lungs))
     devices = masks.get("devices", torch.zeros_like(lungs))
@@ -277,6 +277,7 @@ def score_model(
             "patient_group": mask_set.frame.get("patient_group", pd.Series([""] * len(mask_set))).to_numpy()[ii],
             "finding": mask_set.frame.get("finding", pd.Series([""] * len(mask_set))).to_numpy()[ii],
             "probability": probs[ii, np.asarray(target_idx)[tt]],
+            "outside_lungs": 1 - values["lung_focus"][ii, tt],
             **{k: v[ii, tt] for k, v in values.items()},
             **{k: v[ii] for k, v in areas.items()},
         })

@@ -201,16 +201,23 @@ def model_verdict(
 
     ``images``: the scorecard's per-image rows of this model (columns method, class, image,
     lung_focus, lung_area, device_share, device_area, outside_body_share, outside_body_area,
-    faithfulness); ``probe``: :func:`source_probe`; ``performance``: :func:`source_performance`;
+    faithfulness); ``worst_images`` lists, per class, the five images with the most evidence outside
+    the lungs; ``probe``: :func:`source_probe`; ``performance``: :func:`source_performance`;
     ``sanity``: method -> {"passes": bool, "spearman": float}."""
     statements, flags, numbers = [], [], {}
+    worst: dict[str, list[dict]] = {}
     kinds: set[str] = set()  # each kind of evidence counts once towards the risk
     methods = sorted(images["method"].unique()) if len(images) else []
     for cls, rows in images.groupby("class", sort=False):
-        per_image = rows.groupby("image")[["lung_focus", "lung_area"]].mean()
+        per_image = rows.groupby("image")[["lung_focus", "lung_area", "device_share"]].mean()
         focus = per_image["lung_focus"].dropna()
         if focus.empty:
             continue
+        worst[str(cls)] = [
+            {"image": image, "outside_lungs": float(1 - r["lung_focus"]),
+             "device_share": None if np.isnan(r["device_share"]) else float(r["device_share"])}
+            for image, r in per_image.dropna(subset=["lung_focus"]).sort_values("lung_focus").head(5).iterrows()
+        ]
         share = float((focus < 0.5).mean())
         numbers[f"{cls}:outside_lungs_share"] = share
         statements.append(
@@ -282,6 +289,7 @@ def model_verdict(
         "flags": flags,
         "statements": statements,
         "numbers": numbers,
+        "worst_images": worst,  # per class, the images with the most evidence outside the lungs (mean over methods)
         "rules": {
             "outside_lungs_flag": f"evidence of a class mostly outside the lungs in >= {_pct(OUTSIDE_LUNGS_FLAG)} of "
             "images",
