@@ -1,0 +1,545 @@
+"""One self-contained HTML report of a study: data, training, metrics beside the paper's, ensembles,
+explanations, NAPs, the scorecard with shortcut verdicts and the reader study.
+
+``build_report(run_dirs, out_html, ...)`` reads the files the other commands leave in run folders and
+output folders; it computes nothing expensive (no inference). Every image is embedded as a base64
+PNG and the small table-sorting script is inline, so the file opens offline and can be mailed. A
+section whose files are missing says which command makes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrlens.errors import CxrlensError
+from cxrlens.runs import TrainConfig, atomic_write_text
+
+# The study's test-set F1 scores (Chatterjee et al., arXiv 2006.02570, fold 0), as read from its code
+# and result figures: /work/shared/docs/paper.md, "Results (test set, F1)".
+STUDY_F1_COLUMNS = ("COVID-19", "Pneumonia", "No Finding", "Viral", "Bacterial", "micro-F1 (14)")
+STUDY_F1_FOLD0: dict[str, tuple[float, ...]] = {
+    "DenseNet161": (0.857, 0.961, 0.943, 0.790, 0.594, 0.860),
+    "InceptionResNetV2": (0.867, 0.945, 0.923, 0.774, 0.629, 0.845),
+    "InceptionV3": (0.866, 0.858, 0.844, 0.726, 0.684, 0.797),
+    "ResNet18": (0.875, 0.936, 0.891, 0.737, 0.452, 0.817),
+    "ResNet34": (0.841, 0.931, 0.916, 0.760, 0.574, 0.832),
+    "Ensemble": (0.895, 0.966, 0.952, 0.803, 0.610, 0.874),
+}
+STUDY_COVID_F1_MEAN_OVER_FOLDS = {
+    "DenseNet161": 0.861, "InceptionResNetV2": 0.819, "InceptionV3": 0.817, "ResNet18": 0.872, "ResNet34": 0.844,
+    "Ensemble": 0.888,
+}
+STUDY_NOTE = (
+    "Chatterjee et al. (arXiv 2006.02570): Cohen's COVID-19 collection plus 1,000 Kermany pediatric images, "
+    "60/40 patient split, fold 0 test set, 14 sigmoid outputs, threshold 0.51, last-epoch models, 512 px; "
+    "the ensemble averages the five sigmoid outputs (soft vote). Different data and taxonomy from ours: "
+    "compare orders of magnitude, not decimals."
+)
+# our class names -> the study's column of the same finding
+STUDY_COLUMN_OF = {"COVID-19": "COVID-19", "Pneumonia": "Pneumonia", "Normal": "No Finding",
+                   "No Finding": "No Finding", "Viral Pneumonia": "Viral", "Bacterial Pneumonia": "Bacterial"}
+MAX_FIGURES = 24  # per section: keeps the report mailable when an output folder holds hundreds
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable').forEach(function (table) {
+  table.querySelectorAll('th').forEach(function (th, col) {
+    th.title = 'click to sort';
+    th.addEventListener('click', function () {
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      var asc = th.dataset.order !== 'asc';
+      table.querySelectorAll('th').forEach(function (h) { delete h.dataset.order; });
+      th.dataset.order = asc ? 'asc' : 'desc';
+      var key = function (row) {
+        var text = row.cells[col] ? row.cells[col].textContent.trim() : '';
+        var number = parseFloat(text.replace(/^[^0-9+\\-.]+/, ''));
+        return isNaN(number) ? text.toLowerCase() : number;
+      };
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (typeof x !== typeof y) { x = String(x); y = String(y); }
+        return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+
+_CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif; color: #1d2330; margin: 0;
+       background: #f6f7f9; }
+main { max-width: 1200px; margin: 0 auto; padding: 1rem 1.5rem 4rem; }
+h1 { margin-bottom: .2rem; } h2 { border-bottom: 2px solid #16233b; padding-bottom: .2rem; margin-top: 2.2rem; }
+h3 { margin-top: 1.4rem; }
+.note, figcaption, caption { color: #5b6474; font-size: .9rem; }
+caption { caption-side: bottom; text-align: left; padding-top: .3rem; }
+.warning { background: #fff4e5; border: 1px solid #f0c36d; padding: .5rem .8rem; border-radius: 4px; }
+table { border-collapse: collapse; background: #fff; margin: .6rem 0; font-size: .9rem; }
+th, td { border: 1px solid #d8dce3; padding: .2rem .5rem; text-align: right; }
+th:first-child, td:first-child, td.text { text-align: left; }
+th { background: #eef1f5; } table.sortable th { cursor: pointer; }
+th[data-order=asc]::after { content: ' \\25B2'; } th[data-order=desc]::after { content: ' \\25BC'; }
+.side { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
+figure { background: #fff; border: 1px solid #d8dce3; border-radius: 4px; padding: .5rem; margin: .6rem 0; }
+figure img { max-width: 100%; display: block; }
+.figures { display: flex; flex-wrap: wrap; gap: 1rem; } .figures figure { max-width: 560px; }
+.figures.wide figure { max-width: 100%; } nav.toc a { margin-right: 1rem; } .missing { color: #8a5a00; }
+.verdict { background: #fff; border-left: 4px solid #1f5fbf; padding: .4rem .8rem; margin: .6rem 0; }
+"""
+
+
+# --- small HTML helpers --------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return "n/a" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "", sortable: bool = True,
+           table_id: str = "") -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for i, v in enumerate(row):
+            text_cls = ' class="text"' if i > 0 and isinstance(v, str) and not re.match(r"^[-+0-9.na/ ]+$", v) else ""
+            cells.append(f"<td{text_cls}>{_esc(_fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    attrs = (' class="sortable"' if sortable else "") + (f' id="{_esc(table_id)}"' if table_id else "")
+    cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
+    return f"<table{attrs}>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _figure(png: bytes, caption: str) -> str:
+    return f"<figure>{_img_tag(png, caption)}<figcaption>{_esc(caption)}</figcaption></figure>"
+
+
+def _figure_file(path: Path, caption: str) -> str:
+    return _figure(path.read_bytes(), caption)
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{_esc(text)}</p>'
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CxrlensError(f"cannot read {path}: {exc}; re-run the command that wrote it") from None
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def _data_section(manifest: Any) -> str:
+    frame = manifest.frame.assign(**{c: manifest.targets[:, i] for i, c in enumerate(manifest.taxonomy.classes)})
+    split = frame["split"].replace("", "(none)")
+    splits = sorted(set(split))
+    rows = []
+    for c in manifest.taxonomy.classes:
+        counts = [int(frame.loc[split == s, c].sum()) for s in splits]
+        rows.append([c, *counts, sum(counts)])
+    rows.append(["images", *[int((split == s).sum()) for s in splits], len(frame)])
+    rows.append(["patients", *[frame.loc[split == s, "patient_group"].nunique() for s in splits],
+                 frame["patient_group"].nunique()])
+    by_class = _table(["class", *splits, "all"], rows, table_id="data-classes",
+                      caption="Images whose multi-label target includes the class, per split (a COVID-19 image "
+                              "also counts as Pneumonia), and distinct patients per split.")
+    sources = sorted(set(frame["source"]))
+    label = frame["finding"].astype(str) if "cls" not in frame else frame["cls"].astype(str)
+    labels = sorted(set(label))
+    source_rows = []
+    for src in sources:
+        in_src = frame["source"] == src
+        source_rows.append([src, *[int((in_src & (split == s)).sum()) for s in splits],
+                            *[int((in_src & (label == lab)).sum()) for lab in labels], int(in_src.sum())])
+    by_source = _table(["source", *splits, *labels, "all"], source_rows, table_id="data-sources",
+                       caption="Images per source, split and label. A class that comes mostly from one source "
+                               "lets a model learn the source instead of the disease (DeGrave et al. 2021).")
+    leaks = frame.groupby("patient_group")["split"].nunique()
+    leak_note = (f"{int((leaks > 1).sum())} patients appear in more than one split."
+                 if manifest.has_split else "The data set has no split column.")
+    return (f"<p>{len(frame)} images from {_esc(manifest.origin)}. {_esc(leak_note)}</p>"
+            f'<div class="side">{by_class}{by_source}</div>')
+
+
+def _curves_figure(histories: dict[str, pd.DataFrame]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, f1_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, h) in enumerate(histories.items()):
+        colour = f"C{i % 10}"
+        x = h["epoch"] + 1 if "epoch" in h else np.arange(1, len(h) + 1)
+        if "train_loss" in h:
+            loss_ax.plot(x, h["train_loss"], color=colour, ls="--", marker=".", label=f"{name} train")
+        if "val_loss" in h:
+            loss_ax.plot(x, h["val_loss"], color=colour, marker="o", ms=3, label=f"{name} val")
+        f1_cols = [c for c in h.columns if c.startswith("val_f1/")]
+        if f1_cols:
+            f1_ax.plot(x, h[f1_cols].mean(axis=1), color=colour, marker="o", ms=3, label=name)
+    loss_ax.set(xlabel="epoch", ylabel="BCE loss", title="loss (dashed: train, solid: validation)")
+    f1_ax.set(xlabel="epoch", ylabel="macro F1", title="validation F1, mean over classes", ylim=(0, 1))
+    for ax in (loss_ax, f1_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _metrics_rows(name: str, metrics: dict) -> list[list[Any]]:
+    rows = []
+    for cls, m in metrics["classes"].items():
+        rows.append([name, cls, m["precision"], m["recall"], m["specificity"], m["f1"], m["auroc"], m["support"],
+                     m["threshold"]])
+    for avg in ("micro", "macro"):
+        m = metrics[avg]
+        rows.append([name, avg, m["precision"], m["recall"], m["specificity"], m["f1"], m.get("auroc"), None, None])
+    return rows
+
+
+def _f1_beside_study(results: dict[str, dict], classes: Sequence[str]) -> str:
+    ours = _table(
+        ["model", *classes, "micro-F1", "macro-F1"],
+        [[name, *[m["classes"][c]["f1"] for c in classes], m["micro"]["f1"], m["macro"]["f1"]]
+         for name, m in results.items()],
+        caption="Ours: F1 on the test split at each run's threshold.", table_id="f1-ours",
+    )
+    shown = [c for c in STUDY_F1_COLUMNS if c in {STUDY_COLUMN_OF.get(k) for k in classes} or c.startswith("micro")]
+    index = {c: i for i, c in enumerate(STUDY_F1_COLUMNS)}
+    study = _table(
+        ["study model", *shown, "COVID-19 F1, mean of 5 folds"],
+        [[name, *[values[index[c]] for c in shown], STUDY_COVID_F1_MEAN_OVER_FOLDS[name]]
+         for name, values in STUDY_F1_FOLD0.items()],
+        caption="The study's F1, fold 0 (its 'No Finding' is our 'Normal'). " + STUDY_NOTE, table_id="f1-study",
+    )
+    return f'<div class="side">{ours}{study}</div>'
+
+
+def _eval_figures(folder: Path, title: str, metrics: dict) -> str:
+    threshold = {round(m["threshold"], 3) for m in metrics["classes"].values()}
+    at = f"threshold {threshold.pop()}" if len(threshold) == 1 else "per-class tuned thresholds"
+    parts = []
+    if (folder / "confusion.png").is_file():
+        parts.append(_figure_file(folder / "confusion.png",
+                                  f"{title}: confusion counts per class (one-vs-rest, {at}) on "
+                                  f"{metrics['n_images']} test images; rows true, columns predicted."))
+    if (folder / "roc.png").is_file():
+        parts.append(_figure_file(folder / "roc.png",
+                                  f"{title}: ROC curve per class from the sigmoid outputs on {metrics['n_images']} "
+                                  "test images; AUROC in the legend (classes without both outcomes are left out)."))
+    return f'<div class="figures">{"".join(parts)}</div>'
+
+
+def _explain_section(explain_dir: Path) -> str:
+    summary_path = explain_dir / "summary.json"
+    grids = sorted((explain_dir / "grids").glob("*__models_x_methods.png"))
+    if not grids:
+        grids = sorted((explain_dir / "grids").glob("*.png"))
+    if not grids:
+        return _missing(f"{explain_dir} has no grids/*.png; run `cxrlens explain` to make them.")
+    summary = _read_json(summary_path) if summary_path.is_file() else {}
+    methods: dict[str, Any] = {}
+    for model in summary.get("models", {}).values():
+        for method, record in model.get("methods", {}).items():
+            if "params" in record:
+                methods.setdefault(method, record["params"])
+    described = "; ".join(f"{m} ({', '.join(f'{k}={v}' for k, v in p.items() if v is not None)})"
+                          for m, p in methods.items()) or "see summary.json"
+    output = summary.get("output", "sigmoid")
+    size = summary.get("image_size")
+    parts = []
+    for path in grids[:MAX_FIGURES]:
+        image, cls, *_ = (path.stem.split("__") + ["", ""])
+        parts.append(_figure_file(
+            path, f"Image {image}, class {cls}: rows are models, columns attribution methods, each explaining the "
+                  f"{output} output of the class at {size[0] if size else '?'} px. Methods: {described}. "
+                  "Magma: |attribution|; blue-red: signed attribution; outliers clipped at the 99th percentile."))
+    more = f"<p class='note'>{len(grids) - MAX_FIGURES} more grids in {_esc(explain_dir)}.</p>" \
+        if len(grids) > MAX_FIGURES else ""
+    return f'<div class="figures">{"".join(parts)}</div>{more}'
+
+
+def _nap_section(nap_dir: Path) -> str:
+    stats_path = nap_dir / "nap_stats.json"
+    pngs = sorted(nap_dir.glob("nap_*.png"))
+    if not stats_path.is_file() and not pngs:
+        return _missing(f"{nap_dir} has no nap_stats.json; run `cxrlens nap` to make it.")
+    parts = []
+    if stats_path.is_file():
+        stats = _read_json(stats_path)
+        rows, group_text = [], ""
+        for model, s in stats.get("models", {}).items():
+            for layer, entry in s.get("layers", {}).items():
+                rows.append([model, layer, "x".join(str(v) for v in entry.get("shape", [])),
+                             entry.get("dead_maps"), entry.get("dead_share")])
+            groups = s.get("groups", [])
+            group_text = ", ".join(f"{g['name']} ({g['images']} images)" for g in groups)
+        parts.append(_table(["model", "layer", "shape", "dead maps", "dead share"], rows, table_id="nap-dead",
+                            caption="Feature maps constant over every image and position ('dead') per layer; "
+                                    f"they are left out of the NAP figures. Groups: {group_text}."))
+    figures = []
+    for path in pngs[:MAX_FIGURES]:
+        stem = path.stem
+        if stem == "nap_dead_maps":
+            text = "Share of dead feature maps per layer and model."
+        elif stem.endswith("_inputs"):
+            text = f"{stem[4:-7]}: mean input image of each group (what the groups look like on average)."
+        else:
+            text = (f"{stem[4:]}: contrastive NAPs (group mean feature map minus the unweighted mean of the group "
+                    "NAPs) of the 10 feature maps with the largest mean |contrastive NAP|; rows are groups; "
+                    "blue-white-red with symmetric limits.")
+        figures.append(_figure_file(path, text))
+    return "".join(parts) + f'<div class="figures wide">{"".join(figures)}</div>'
+
+
+def _score_section(score_dir: Path) -> str:
+    parts = []
+    verdicts_path = score_dir / "verdicts.json"
+    if verdicts_path.is_file():
+        verdicts = _read_json(verdicts_path)
+        for model, v in (verdicts.items() if isinstance(verdicts, dict) else []):
+            if not isinstance(v, dict):
+                continue
+            statements = "".join(f"<li>{_esc(s)}</li>" for s in v.get("statements", []))
+            parts.append(f'<div class="verdict"><strong>{_esc(v.get("summary", model))}</strong>'
+                         f"<ul>{statements}</ul></div>")
+    csv_path = score_dir / "scorecard.csv"
+    if csv_path.is_file():
+        header, rows = _compact_scorecard(pd.read_csv(csv_path))
+        parts.append(_table(header, rows, table_id="scorecard-table",
+                            caption="Scorecard: one row per model x method x class; each metric is the mean over "
+                                    "the images of the mask set with its 95 % bootstrap interval in brackets. Click "
+                                    "a column to sort (by the mean). See cxrlens.score for each metric's definition."))
+    for name, text in (("scorecard.png", "The scorecard as a heat map: colour is the rank within each column "
+                                         "(green = better)."),
+                       ("worst_offenders.png", "Per model, the images, methods and classes whose evidence lies "
+                                               "least inside the lungs, with the radiologists' lung masks.")):
+        if (score_dir / name).is_file():
+            parts.append(_figure_file(score_dir / name, text))
+    if not parts:
+        return _missing(f"{score_dir} has no scorecard.csv or verdicts.json; run `cxrlens score` to make them.")
+    return "".join(parts)
+
+
+def _compact_scorecard(table: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
+    """scorecard.csv has metric, metric_low, metric_high, metric_n columns: show 'mean [low, high]'."""
+    metrics = [c for c in table.columns if f"{c}_low" in table.columns and f"{c}_high" in table.columns]
+    hidden = {f"{m}_{s}" for m in metrics for s in ("low", "high", "n")}
+    header = [c for c in table.columns if c not in hidden]
+    rows = []
+    for record in table.to_dict("records"):
+        row = []
+        for c in header:
+            value = record[c]
+            if c in metrics:
+                low, high = record[f"{c}_low"], record[f"{c}_high"]
+                value = f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]" if pd.notna(low) else _fmt(value)
+            row.append(value)
+        rows.append(row)
+    return header, rows
+
+
+def _ratings_section(ratings_db: Path) -> str:
+    from cxrlens.serve.ratings import RatingsStore
+
+    if not ratings_db.is_file():
+        return _missing(f"{ratings_db} does not exist; run the reader study in `cxrlens serve`.")
+    s = RatingsStore(ratings_db).summary()
+    if not s["n_ratings"]:
+        return _missing(f"{ratings_db} holds no ratings yet.")
+    kappa = _fmt(s["fleiss_kappa"])
+    intro = (f"<p>{s['n_ratings']} ratings by {len(s['raters'])} raters of {s['n_images']} images "
+             f"({s['n_maps']} maps). Fleiss' kappa over the {s['n_maps_multi_rated']} maps rated by two or more "
+             f"raters: <strong>{kappa}</strong> (1 = perfect agreement, 0 = chance).</p>")
+    tables = []
+    for key, title in (("by_model", "model"), ("by_method", "method"), ("by_model_method", "model / method")):
+        tables.append(_table(
+            [title, "mean score", "sd", "ratings"],
+            [[name, v["mean"], v["sd"], v["n"]] for name, v in s[key].items()], table_id=f"ratings-{key}",
+            caption=f"Mean reader score per {title}: 1 = the map looks elsewhere, 5 = it looks at the pathology; "
+                    "raters saw the maps anonymised and shuffled."))
+    return intro + f'<div class="side">{"".join(tables)}</div>'
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def build_report(
+    run_dirs: Sequence[str | Path],
+    out_html: str | Path,
+    *,
+    data: str | Path | None = None,
+    ensemble_dir: str | Path | None = None,
+    explain_dir: str | Path | None = None,
+    nap_dir: str | Path | None = None,
+    score_dir: str | Path | None = None,
+    ratings_db: str | Path | None = None,
+    split: str = "test",
+    title: str = "cxrlens report",
+) -> Path:
+    """Write one self-contained HTML report of ``run_dirs`` (and, when given, the ensemble, explain,
+    NAP and scorecard output folders and the reader-study database) to ``out_html``; returns its path.
+
+    Metrics come from ``RUN/eval-<split>/metrics.json`` (``cxrlens evaluate``) and
+    ``ENSEMBLE/{soft,majority}/metrics.json`` (``cxrlens ensemble``); nothing is recomputed.
+    """
+    from cxrlens.data import load_manifest
+
+    if not run_dirs:
+        raise CxrlensError("give at least one run folder")
+    runs = [Path(r) for r in run_dirs]
+    configs = {r: TrainConfig.load(r) for r in runs}
+    names = _unique([r.name for r in runs])
+    first = configs[runs[0]]
+    sections: list[tuple[str, str, str]] = []  # (id, heading, html)
+
+    # runs
+    run_rows = [[name, c.model, c.image_size, c.epochs, c.batch_size, c.lr, c.taxonomy, c.data or "data/cxr3"]
+                for name, c in zip(names, configs.values(), strict=True)]
+    sections.append(("runs", "Runs", _table(
+        ["run", "architecture", "image size", "epochs", "batch", "learning rate", "taxonomy", "data"], run_rows,
+        table_id="run-settings", caption="Training settings of each run (config.json).")))
+
+    # data
+    try:
+        manifest = load_manifest(data or first.data or None, first.tax)
+        sections.append(("data", "Data", _data_section(manifest)))
+    except CxrlensError as exc:
+        sections.append(("data", "Data", _missing(str(exc))))
+
+    # training curves
+    histories = {}
+    for name, run in zip(names, runs, strict=True):
+        if (run / "history.csv").is_file():
+            histories[name] = pd.read_csv(run / "history.csv")
+    if histories:
+        epochs = ", ".join(f"{n}: {len(h)}" for n, h in histories.items())
+        curves = _figure(_curves_figure(histories),
+                         f"Training curves from history.csv (epochs per run: {epochs}): BCE loss on the training "
+                         "split (dashed, mean over the epoch's batches) and the validation split (solid), and "
+                         "validation F1 averaged over classes at threshold 0.5.")
+    else:
+        curves = _missing("no history.csv in the run folders; train with `cxrlens train`.")
+    sections.append(("training", "Training", curves))
+
+    # metrics
+    results: dict[str, dict] = {}
+    figures = []
+    missing = []
+    for name, run in zip(names, runs, strict=True):
+        folder = run / f"eval-{split}"
+        if (folder / "metrics.json").is_file():
+            results[name] = _read_json(folder / "metrics.json")
+            figures.append(f"<h3>{_esc(name)}</h3>" + _eval_figures(folder, name, results[name]))
+        else:
+            missing.append(f"`cxrlens evaluate --run {run}`")
+    ensemble_html = ""
+    if ensemble_dir is not None:
+        ens = Path(ensemble_dir)
+        found = False
+        for vote in ("soft", "majority"):
+            if (ens / vote / "metrics.json").is_file():
+                found = True
+                label = f"{vote} vote"
+                results[label] = _read_json(ens / vote / "metrics.json")
+                ensemble_html += f"<h3>{_esc(label)}</h3>" + _eval_figures(ens / vote, label, results[label])
+        if not found:
+            ensemble_html = _missing(f"{ens} has no soft/ or majority/ metrics; run `cxrlens ensemble`.")
+    classes = list(first.tax.classes)
+    if results:
+        metrics_html = _f1_beside_study(results, classes)
+        rows = [row for name, m in results.items() for row in _metrics_rows(name, m)]
+        metrics_html += _table(
+            ["model", "class", "precision", "recall", "specificity", "F1", "AUROC", "support", "threshold"], rows,
+            table_id="class-metrics", caption=f"Per-class metrics on the {split} split (one-vs-rest; micro: pooled "
+                                        "counts, macro: mean over classes). Click a column to sort.")
+    else:
+        metrics_html = ""
+    if missing:
+        metrics_html += _missing("Not evaluated yet: " + ", ".join(missing) + ".")
+    sections.append(("metrics", "Metrics beside the study", metrics_html))
+    sections.append(("curves", "Confusion matrices and ROC curves", "".join(figures) or _missing("none yet")))
+    if ensemble_dir is not None:
+        sections.append((
+            "ensemble", "Ensembles",
+            "<p class='note'>Soft vote: mean of the models' sigmoid outputs, thresholded at the mean threshold "
+            "(what the study's code does). Majority vote: a class is positive when more than half the models "
+            "say so (what its abstract says); its score is the share of votes.</p>" + ensemble_html))
+
+    optional = (("explain", "Explanations: models x methods", explain_dir, _explain_section),
+                ("nap", "Neuron Activation Profiles", nap_dir, _nap_section),
+                ("scorecard", "Scorecard and shortcut verdicts", score_dir, _score_section),
+                ("readers", "Reader study", ratings_db, _ratings_section))
+    for key, heading, folder, make in optional:
+        if folder is not None:
+            sections.append((key, heading, make(Path(folder))))
+
+    toc = " ".join(f'<a href="#{key}">{_esc(heading)}</a>' for key, heading, _ in sections)
+    body = "".join(f'<section id="{key}"><h2>{_esc(heading)}</h2>{content}</section>'
+                   for key, heading, content in sections)
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    document = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
+        f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
+        f'<p class="note">Generated {generated} by cxrlens from {len(runs)} run(s).</p>'
+        '<p class="warning">Research results, not a diagnostic device. The images come from public collections '
+        "whose sources correlate with the labels; read the scorecard's shortcut verdicts before trusting a "
+        "number.</p>"
+        f'<nav class="toc">{toc}</nav>{body}</main><script>{_SORT_JS}</script></body></html>'
+    )
+    out = Path(out_html)
+    atomic_write_text(out, document)
+    return out
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
