@@ -22,7 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests bench
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check src tests bench

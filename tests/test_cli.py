@@ -166,3 +166,25 @@ def test_missing_checkpoint_and_corrupt_image(tiny_runs, tmp_path, monkeypatch, 
     )
     assert code == 2 and "cannot read image" in err and "bad.jpg" in err
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_nap_command(tiny_runs, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "nap",
+        "--run",
+        str(tiny_runs[0]),
+        "--out",
+        str(tmp_path / "nap"),
+        "--layers",
+        "layer3,layer4",
+        "--groups",
+        "covid=COVID-19;other=Pneumonia & ~COVID-19",
+    )
+    assert code == 0, err
+    stats = json.loads((tmp_path / "nap" / "nap_stats.json").read_text())
+    model = stats["models"]["r1"]
+    assert list(model["layers"]) == ["layer3", "layer4"]
+    assert [g["name"] if isinstance(g, dict) else g for g in model["groups"]][:2] == ["covid", "other"]
+    assert (tmp_path / "nap" / "nap_r1_layer4.png").is_file() and "dead feature maps" in out

@@ -133,6 +133,44 @@ def split(
 
 
 @app.command()
+def nap(
+    run: Annotated[list[str], typer.Option("--run", help="run folder (repeat for several models)")],
+    out: Annotated[str, typer.Option(help="output folder")],
+    data: Annotated[str | None, typer.Option(help="data set (default: the first run's)")] = None,
+    split: Annotated[str, typer.Option(help="split to profile; 'all' for every image")] = "test",
+    layers: Annotated[str | None, typer.Option(help="comma-separated layer names (default: the study's)")] = None,
+    groups: Annotated[
+        str | None, typer.Option(help="'study', 'errors', or 'name=expr;name=expr' over class names (& | ~)")
+    ] = None,
+    gradient_weighted: Annotated[str | None, typer.Option(help="a class name: GradNAPs for that class")] = None,
+    batch_size: int = 16,
+) -> None:
+    """Neuron Activation Profiles of one or more runs over a data set (arrays, statistics, figures)."""
+    from cxrlens.data import load_manifest
+    from cxrlens.nap import run_nap
+    from cxrlens.runs import load_run
+
+    runs = [load_run(r) for r in run]
+    manifest = load_manifest(data or runs[0].config.data or None, runs[0].taxonomy).split(
+        None if split == "all" else split
+    )
+    group_spec = groups if groups in (None, "study", "errors") else [g for g in groups.split(";") if g.strip()]
+    result = run_nap(
+        runs,
+        manifest,
+        out,
+        layers=layers.split(",") if layers else None,
+        groups=group_spec,
+        batch_size=batch_size,
+        gradient_weighted=gradient_weighted or False,
+    )
+    for name, stats in result["stats"]["models"].items():
+        dead = ", ".join(f"{layer} {entry['dead_share']:.0%}" for layer, entry in stats["layers"].items())
+        typer.echo(f"{name}: dead feature maps per layer: {dead}")
+    typer.echo(f"NAP arrays, nap_stats.json and figures written to {out}")
+
+
+@app.command()
 def demo(
     out: str = "runs/demo",
     image_size: int = 128,
