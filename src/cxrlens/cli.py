@@ -147,7 +147,7 @@ def nap(
 ) -> None:
     """Neuron Activation Profiles of one or more runs over a data set (arrays, statistics, figures)."""
     from cxrlens.data import load_manifest
-    from cxrlens.nap import run_nap
+    from cxrlens.nap import dead_share_lines, run_nap
     from cxrlens.runs import load_run
 
     runs = [load_run(r) for r in run]
@@ -164,9 +164,7 @@ def nap(
         batch_size=batch_size,
         gradient_weighted=gradient_weighted or False,
     )
-    for name, stats in result["stats"]["models"].items():
-        dead = ", ".join(f"{layer} {entry['dead_share']:.0%}" for layer, entry in stats["layers"].items())
-        typer.echo(f"{name}: dead feature maps per layer: {dead}")
+    typer.echo("\n".join(dead_share_lines(result["stats"])))
     typer.echo(f"NAP arrays, nap_stats.json and figures written to {out}")
 
 

@@ -66,7 +66,21 @@ def run_demo(config: DemoConfig) -> dict:
     table = markdown_table(results, classes)
     atomic_write_text(out / "f1_table.md", table)
     print(f"\nF1 on the cxr3 test split ({config.image_size} px, thresholds: {config.threshold}):\n\n{table}")
+    nap_dead_shares(run_dirs, out / "nap")
     print(f"outputs under {out}/: one run folder per model (weights, config.json, history.csv, eval-test/ with")
-    print("metrics.json, metrics.md, confusion.png, roc.png), ensemble/soft and ensemble/majority, f1_table.md")
+    print("metrics.json, metrics.md, confusion.png, roc.png), ensemble/soft and ensemble/majority, f1_table.md,")
+    print("nap/ (Neuron Activation Profiles of the test split: nap_*.npz, nap_stats.json, figures)")
     print(f"demo took {time.perf_counter() - started:.0f} s")
     return results
+
+
+def nap_dead_shares(run_dirs: list[Path], out: Path) -> None:
+    """NAPs of the test split for every model, in one pass per image size; prints dead-map shares."""
+    from cxrlens.data import load_manifest
+    from cxrlens.nap import dead_share_lines, run_nap
+    from cxrlens.runs import load_run
+
+    print("\n== Neuron Activation Profiles of the test split", flush=True)
+    runs = [load_run(r) for r in run_dirs]
+    result = run_nap(runs, load_manifest(None, runs[0].taxonomy).split("test"), out, progress=False)
+    print("\n".join(dead_share_lines(result["stats"])))

@@ -1046,3 +1046,12 @@ def run_nap(
     files.append(str(stats_path))
     atomic_write_text(stats_path, json.dumps(stats, indent=1, allow_nan=False))
     return {"out_dir": str(out), "files": files, "stats": stats, "results": results}
+
+
+def dead_share_lines(stats: dict) -> list[str]:
+    """One line per model of a ``nap_stats.json`` dict: its share of dead feature maps per layer."""
+    return [
+        f"{name}: dead feature maps per layer: "
+        + ", ".join(f"{layer} {entry['dead_share']:.0%}" for layer, entry in model["layers"].items())
+        for name, model in stats["models"].items()
+    ]
