@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -89,8 +90,8 @@ def decode_upload(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_M
         )
     try:
         image = read_image_bytes(data, name)
-    except CxrlensError as exc:
-        raise RequestError(400, str(exc)) from None
+    except CxrlensError as exc:  # PIL names the in-memory file object; the user needs no address
+        raise RequestError(400, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(exc))) from None
     except Exception as exc:  # a decoder failing in an unforeseen way is still the file's fault
         raise RequestError(400, f"{name}: cannot decode the image ({type(exc).__name__})") from None
     if image.ndim != 2 or min(image.shape) < 8:
@@ -130,21 +131,16 @@ def display_png(pixels: np.ndarray, max_side: int = 512) -> bytes:
 
 
 def heatmap_rgba(attr: np.ndarray, signed: bool) -> np.ndarray:
-    """A 2-D attribution map -> RGBA uint8: magma for unsigned maps, blue-white-red for signed ones,
-    outliers clipped at the 99th percentile of |map|, opacity growing with |map| so the X-ray stays
-    visible where the map is near zero."""
-    import matplotlib
+    """A 2-D attribution map -> RGBA uint8, coloured like ``cxrlens.explain.figures.overlay`` (magma for
+    unsigned maps, RdBu_r for signed ones, outliers clipped at the 99th percentile of |map|) but with
+    opacity growing with |map|, so the browser can lay it over the X-ray with a slider."""
+    from matplotlib import colormaps
 
-    scale = float(np.percentile(np.abs(attr), CLIP_PERCENTILE)) or float(np.abs(attr).max()) or 1.0
-    if signed:
-        norm = np.clip(attr / scale, -1, 1)
-        rgba = matplotlib.colormaps["bwr"]((norm + 1) / 2)
-        alpha = np.abs(norm)
-    else:
-        norm = np.clip(np.abs(attr) / scale, 0, 1)
-        rgba = matplotlib.colormaps["magma"](norm)
-        alpha = norm
-    rgba[..., 3] = 0.15 + 0.85 * alpha
+    from cxrlens.explain.figures import normalise
+
+    norm = normalise(attr, signed, CLIP_PERCENTILE)
+    rgba = colormaps["RdBu_r"]((norm + 1) / 2) if signed else colormaps["magma"](norm)
+    rgba[..., 3] = 0.15 + 0.85 * np.abs(norm)
     return (rgba * 255).round().astype(np.uint8)
 
 
