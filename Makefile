@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench serve clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,13 @@ demo: setup
 	$(BIN)/cxrlens demo --out runs/demo
 
 test: setup
+	bash scripts/install_browser.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -p no:cacheprovider
+
+serve: setup
+	$(BIN)/cxrlens serve --runs runs/demo/resnet18 --runs runs/demo/resnet34 --runs runs/demo/inception_v3 \
+		--runs runs/demo/inception_resnet_v2 --runs runs/demo/densenet161 --data data/cxr3
 
 lint: setup
 	$(BIN)/ruff check src tests bench

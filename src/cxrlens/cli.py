@@ -169,6 +169,52 @@ def nap(
 
 
 @app.command()
+def report(
+    runs: Annotated[list[str], typer.Option("--runs", help="run folders (repeat the option)")],
+    out: Annotated[str, typer.Option(help="HTML file to write")] = "runs/report.html",
+    data: Annotated[str | None, typer.Option(help="data set summarised (default: the runs')")] = None,
+    ensemble: Annotated[str | None, typer.Option(help="folder written by `cxrlens ensemble`")] = None,
+    explain: Annotated[str | None, typer.Option(help="folder written by `cxrlens explain`")] = None,
+    nap: Annotated[str | None, typer.Option(help="folder written by `cxrlens nap`")] = None,
+    score: Annotated[str | None, typer.Option(help="folder written by `cxrlens score`")] = None,
+    ratings: Annotated[str | None, typer.Option(help="reader-study SQLite database of `cxrlens serve`")] = None,
+    split: str = "test",
+    title: str = "cxrlens report",
+) -> None:
+    """One self-contained HTML page with every result (images embedded, works offline)."""
+    from cxrlens.report import build_report
+
+    path = build_report(
+        runs, out, data=data, ensemble_dir=ensemble, explain_dir=explain, nap_dir=nap, score_dir=score,
+        ratings_db=ratings, split=split, title=title,
+    )
+    typer.echo(f"report written to {path}")
+
+
+@app.command()
+def serve(
+    runs: Annotated[list[str], typer.Option("--runs", help="run folders (repeat the option)")],
+    data: Annotated[str | None, typer.Option(help="data set to browse (its test split)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; loopback by default (the app has no login)")] = (
+        "127.0.0.1"
+    ),
+    port: int = 8000,
+    max_upload_mb: float = 20,
+    ratings_db: Annotated[str, typer.Option(help="SQLite file for reader-study ratings")] = "runs/ratings.sqlite",
+    threshold: Annotated[str, typer.Option(help="study (0.51), tuned, or a number")] = "study",
+    study_methods: str = "grad_cam,integrated_gradients,guided_backprop",
+    study_images: int = 24,
+) -> None:
+    """Web app: upload an X-ray, see every model's prediction and heat maps; browse; reader study."""
+    from cxrlens.serve import serve as run_server
+
+    run_server(
+        runs, data=data, host=host, port=port, max_upload_mb=max_upload_mb, ratings_db=ratings_db,
+        threshold=threshold, study_methods=tuple(study_methods.split(",")), study_images=study_images,
+    )
+
+
+@app.command()
 def demo(
     out: str = "runs/demo",
     image_size: int = 128,
