@@ -12,7 +12,7 @@ implementation of the same metric, on the same model, images, maps and masks. Pr
 
 Timings alternate ours / theirs so both see the same machine load; the best of ``--repeats`` is kept.
 
-Usage: python bench/score.py [--size 224] [--images 8] [--steps 24] [--repeats 2] [--threads 2]
+Usage: python bench/score.py [--size 224] [--images 4] [--steps 24] [--repeats 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=64)
     args = parser.parse_args()
