@@ -208,7 +208,7 @@ def load_mask_set(
         new_h, new_w, top, left = input_geometry(h, w, size)
         region[i, top : top + new_h, left : left + new_w] = True
         for column in columns:
-            rel = str(getattr(row, column) if column.isidentifier() else frame[column].iat[i]).strip()
+            rel = str(frame[column].iat[i]).strip()  # not getattr(row): itertuples renames keyword columns
             if not rel:
                 continue
             mask_path = root / rel
