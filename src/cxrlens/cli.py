@@ -169,6 +169,49 @@ def nap(
 
 
 @app.command()
+def explain(
+    run: Annotated[list[str], typer.Option("--run", help="run folder (repeat for several models)")],
+    out: Annotated[str, typer.Option(help="output folder")],
+    image: Annotated[list[str] | None, typer.Option("--image", help="image file or folder (repeatable)")] = None,
+    data: Annotated[str | None, typer.Option(help="instead of --image: a data set (manifest or folder)")] = None,
+    split: Annotated[str, typer.Option(help="split of --data to explain; 'all' for every image")] = "test",
+    max_images: Annotated[int, typer.Option(help="at most this many images of --data")] = 8,
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated names, e.g. occlusion,saliency")] = "all",
+    targets: Annotated[str, typer.Option(help="all, positive (predicted by the soft vote) or class names")] = "all",
+    output: Annotated[str, typer.Option(help="explain the sigmoid (the study's choice) or the logit")] = "sigmoid",
+    max_batch: Annotated[int, typer.Option(help="perturbations / integration steps per forward pass")] = 16,
+) -> None:
+    """Attribution maps (.npy), overlays, grids and a JSON summary for images x models x methods x classes."""
+    from cxrlens.explain_cli import explain_runs
+
+    summary = explain_runs(run, out, image, data, None if split == "all" else split, max_images, methods, targets,
+                           output, max_batch)
+    typer.echo(f"explained {len(summary['images'])} image(s) with {len(summary['models'])} model(s); written to {out}")
+
+
+@app.command()
+def score(
+    run: Annotated[list[str], typer.Option("--run", help="run folder (repeat for several models)")],
+    out: Annotated[str, typer.Option(help="output folder")],
+    masks: Annotated[str | None, typer.Option(help="folder of images + masks + masks.csv (default data/lungmasks)")] = (
+        None
+    ),
+    methods: Annotated[str, typer.Option(help="comma-separated attribution methods")] = (
+        "saliency,integrated_gradients,grad_cam"
+    ),
+    data: Annotated[str | None, typer.Option(help="data set for the shortcut detector (default: the runs')")] = None,
+    max_images: Annotated[int | None, typer.Option(help="at most this many mask images")] = None,
+) -> None:
+    """Scorecard of models x methods (lung focus, faithfulness, sanity, robustness) and a shortcut detector."""
+    from cxrlens.score import run_scorecard
+
+    card = run_scorecard(run, masks, tuple(methods.split(",")), out, data=data, max_images=max_images, progress=True)
+    for verdict in card.verdicts.values():
+        typer.echo(verdict["summary"])
+    typer.echo(f"scorecard written to {out}")
+
+
+@app.command()
 def report(
     runs: Annotated[list[str], typer.Option("--runs", help="run folders (repeat the option)")],
     out: Annotated[str, typer.Option(help="HTML file to write")] = "runs/report.html",

@@ -1,0 +1,97 @@
+"""Glue for ``cxrlens explain``: gather images from files, folders or a manifest split, load runs,
+choose targets, and call ``cxrlens.explain.explain_images`` once per input size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cxrlens.data import IMAGE_SUFFIXES, load_image_tensor, load_manifest
+from cxrlens.errors import CxrlensError
+from cxrlens.runs import LoadedRun, load_run, predict
+
+
+def _image_files(inputs: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CxrlensError(f"{path}: no PNG, JPEG or DICOM files in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CxrlensError(f"image not found: {path}")
+    return files
+
+
+def explain_runs(
+    run_dirs: Sequence[str],
+    out: str | Path,
+    images: Sequence[str] | None = None,
+    data: str | None = None,
+    split: str | None = "test",
+    max_images: int = 8,
+    methods: str = "all",
+    targets: str = "all",
+    output: str = "sigmoid",
+    max_batch: int = 16,
+) -> dict:
+    """Explain image files (or the first ``max_images`` of a data split) with every run; returns the summary."""
+    from cxrlens.explain import METHODS, explain_images
+
+    runs: list[LoadedRun] = [load_run(r) for r in run_dirs]
+    classes = runs[0].taxonomy.classes
+    if any(r.taxonomy.classes != classes for r in runs):
+        raise CxrlensError("runs of different taxonomies cannot be explained together")
+    if bool(images) == bool(data):
+        raise CxrlensError("give either --image (files or folders) or --data (a data set), not both or neither")
+    if images:
+        files = _image_files(images)
+    else:
+        manifest = load_manifest(data, runs[0].taxonomy).split(split)
+        files = [Path(p) for p in manifest.frame["path"].head(max_images)]
+    method_names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in method_names if m not in METHODS]
+    if unknown:
+        raise CxrlensError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
+    ids = [f.stem for f in files]
+    summary: dict = {"images": ids, "models": {}}
+    sizes = sorted({r.config.image_size for r in runs})
+    for size in sizes:  # models trained at one size are explained together, in one grid
+        group = [r for r in runs if r.config.image_size == size]
+        batch = torch.stack([load_image_tensor(f, size) for f in files])
+        chosen = _targets(targets, group, batch, classes)
+        part = explain_images(
+            {r.name: r.model for r in group}
+            if len({r.name for r in group}) == len(group)
+            else {f"{r.name}-{i}": r.model for i, r in enumerate(group)},
+            batch,
+            classes,
+            method_names,
+            chosen,
+            Path(out) if len(sizes) == 1 else Path(out) / f"{size}px",
+            image_ids=ids,
+            output=output,
+            max_batch=max_batch,
+        )
+        summary["models"].update(part["models"])
+    return summary
+
+
+def _targets(targets: str, runs: list[LoadedRun], batch: torch.Tensor, classes: Sequence[str]) -> list[str]:
+    if targets == "all":
+        return list(classes)
+    if targets == "positive":  # classes the soft vote calls positive for at least one image
+        probs = torch.stack([predict(r.model, batch) for r in runs]).mean(0)
+        positive = [c for i, c in enumerate(classes) if bool((probs[:, i] > 0.51).any())]
+        return positive or [classes[int(probs.mean(0).argmax())]]
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    for name in names:
+        if name not in classes:
+            raise CxrlensError(f"unknown class '{name}'; the classes are: {', '.join(classes)}")
+    return names
