@@ -12,6 +12,8 @@
   bfloat16 autocast (results change within the tolerances stated in tests/test_explain.py).
 * ``model_name``: registry name, only used for the default Grad-CAM layer.
 * anything else is a method parameter (see ``METHODS[name].defaults``); unknown ones are errors.
+  (Integrated gradients calls Captum's ``method`` argument ``integration``: gausslegendre,
+  riemann_right, riemann_left, riemann_middle or riemann_trapezoid.)
 
 Cost: gradient methods run one forward pass and one backward pass per target (the graph is kept
 between them); Captum needs a forward and a backward per target. Occlusion runs one sweep for all
@@ -215,9 +217,9 @@ def ig_steps(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _integrated_gradients(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
-    n_steps, method = p["n_steps"], p["method"]
+    n_steps, method = p["n_steps"], p["integration"]
     if method not in IG_METHODS:
-        raise CxrlensError(f"unknown integration method '{method}'; choose one of: {', '.join(IG_METHODS)}")
+        raise CxrlensError(f"unknown integration '{method}'; choose one of: {', '.join(IG_METHODS)}")
     if not isinstance(n_steps, int) or n_steps < 1:
         raise CxrlensError(f"n_steps must be a positive int, got {n_steps!r}")
     baseline = _baseline(p["baseline"], x)
@@ -498,7 +500,7 @@ METHODS: dict[str, Method] = {
         Method("guided_backprop", _guided_backprop, {}, True, True, True,
                "gradient passing only positive gradients back through ReLUs"),
         Method("integrated_gradients", _integrated_gradients,
-               {"n_steps": 50, "method": "gausslegendre", "baseline": 0.0}, True, True, False,
+               {"n_steps": 50, "integration": "gausslegendre", "baseline": 0.0}, True, True, False,
                "path integral of gradients from the baseline"),
         Method("deeplift", _deeplift, {"baseline": 0.0}, True, True, True, "DeepLIFT, rescale rule"),
         Method("grad_cam", _grad_cam, {"layer": None, "relu": True, "interpolate": "bilinear"}, False, True,
