@@ -442,3 +442,21 @@ def test_registry_is_complete() -> None:
         "occlusion", "saliency", "guided_backprop", "input_x_gradient", "integrated_gradients",
         "deeplift", "grad_cam", "guided_grad_cam", "smoothgrad",
     }
+
+
+def test_deeplift_maxpool_without_known_indices() -> None:
+    """A max-pool subclass (like timm's MaxPool2dSame) is routed through its own backward."""
+
+    class SamePool(nn.MaxPool2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(F.pad(x, (0, 1, 0, 1), value=-float("inf")))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), SamePool(3, 2), nn.Flatten(),
+                        nn.LazyLinear(3))
+    x = torch.rand(2, 3, 12, 12)
+    calibrate_batchnorm(net, torch.rand(4, 3, 12, 12))
+    result = attribute(net, x, TARGETS, method="deeplift", output="logit")
+    with torch.no_grad():
+        expected = (net(x) - net(torch.zeros_like(x)))[:, TARGETS]
+    assert ((result.maps.sum((2, 3)) - expected).abs() <= 1e-5 * expected.abs() + 1e-7).all()

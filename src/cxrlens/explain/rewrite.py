@@ -292,8 +292,8 @@ def _trace_and_patch(model: nn.Module) -> dict[str, str]:
     for name, module in list(model.named_modules()):
         if getattr(module, "inplace", False):
             module.inplace = False
-        if _is_torch_builtin(module):
-            continue
+        if _is_torch_builtin(module) or isinstance(module, HOOKED_TYPES):
+            continue  # a hooked module's own code is the nonlinearity itself
         try:
             graph = _ChildrenAsLeaves(module).trace(module)
         except Exception as exc:  # data-dependent control flow etc.: fixed at module level instead

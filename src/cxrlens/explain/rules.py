@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cxrlens.explain.rewrite import ACTIVATION_TYPES, MAXPOOL_TYPES
@@ -143,7 +144,11 @@ class DeepLiftHooks:
             return output
         x_ref, y_ref = self.reference[id(module)]
         if isinstance(module, MAXPOOL_TYPES):
-            return _replace_backward(x, output, self._maxpool_rule(module, x.detach(), x_ref, output.detach(), y_ref))
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"{type(module).__name__} returns indices; DeepLIFT needs it to return values only")
+            with torch.no_grad():
+                rule = self._maxpool_rule(module, x.detach(), x_ref, output.detach(), y_ref)
+            return _replace_backward(x, output, rule)
         with torch.no_grad():
             dx = x - x_ref
             near = dx.abs() < EPS
@@ -159,11 +164,29 @@ class DeepLiftHooks:
         x_ref = x_ref.expand_as(x)
         dx = x - x_ref
         near = dx.abs() < EPS
+        inverse_dx = 1 / dx.masked_fill(near, 1)
+        x_index, ref_index = _argmax_indices(module, x), _argmax_indices(module, x_ref)
+        if x_index is None or ref_index is None:
+            return DeepLiftHooks._maxpool_rule_by_autograd(module, x, x_ref, gain, loss, dx, near)
+
+        def rule(grad: torch.Tensor) -> torch.Tensor:
+            # Scatter-add (not assign): an input that wins several overlapping windows gets them all.
+            flat = grad.new_zeros(*x.shape[:2], x[0, 0].numel())
+            flat.scatter_add_(2, x_index, (grad * gain).flatten(2))
+            flat.scatter_add_(2, ref_index, (grad * loss).flatten(2))
+            plain = grad.new_zeros(flat.shape).scatter_add_(2, x_index, grad.flatten(2))
+            return torch.where(near, plain.view_as(x), flat.view_as(x) * inverse_dx)
+
+        return rule
+
+    @staticmethod
+    def _maxpool_rule_by_autograd(module: nn.Module, x: torch.Tensor, x_ref: torch.Tensor, gain: torch.Tensor,
+                                  loss: torch.Tensor, dx: torch.Tensor,
+                                  near: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The same rule for pooling modules without ``return_indices``: route with their backward."""
         n = x.shape[0]
 
         def rule(grad: torch.Tensor) -> torch.Tensor:
-            # One batched max-pool backward routes the three parts: gain via the actual arg-max, loss
-            # via the reference arg-max, and the plain gradient (fallback) via the actual arg-max.
             routed = _route_through(
                 module, torch.cat([x, x_ref, x]), torch.cat([grad * gain, grad * loss, grad])
             )
@@ -171,3 +194,23 @@ class DeepLiftHooks:
             return torch.where(near, plain, delta_part / dx.masked_fill(near, 1))
 
         return rule
+
+
+_POOL_WITH_INDICES: dict[type[nn.Module], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    nn.MaxPool1d: lambda m, x: F.max_pool1d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True),
+    nn.MaxPool2d: lambda m, x: F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True),
+    nn.MaxPool3d: lambda m, x: F.max_pool3d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True),
+    nn.AdaptiveMaxPool1d: lambda m, x: F.adaptive_max_pool1d(x, m.output_size, True),
+    nn.AdaptiveMaxPool2d: lambda m, x: F.adaptive_max_pool2d(x, m.output_size, True),
+    nn.AdaptiveMaxPool3d: lambda m, x: F.adaptive_max_pool3d(x, m.output_size, True),
+}
+
+
+def _argmax_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Arg-max of every pooling window as flat indices into each (image, channel) plane of ``x``,
+    shaped [N, C, windows]; None for pooling modules we do not know."""
+    pool = _POOL_WITH_INDICES.get(type(module))
+    if pool is None or x.dim() < 3:
+        return None
+    _, indices = pool(module, x)
+    return indices.flatten(2)
