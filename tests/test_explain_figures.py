@@ -76,7 +76,7 @@ def test_explain_images_writes_maps_figures_and_summary(tmp_path: Path) -> None:
     assert set(entry["predictions"]["a.jpg"]) == set(classes)
     assert set(entry["methods"]) == {"saliency", "deeplift", "occlusion"}
     assert abs(entry["methods"]["deeplift"]["delta"]["b.jpg"]["No Finding"]) < 1e-5
-    assert entry["methods"]["occlusion"]["params"] == {"window": 32, "stride": 16, "baseline": 0.0}
+    assert entry["methods"]["occlusion"]["params"] == {"window": 32, "stride": 16, "baseline": 0.0, "incremental": True}
     maps = np.load(tmp_path / "maps" / "a.jpg" / "resnet18" / "deeplift.npy")
     assert maps.shape == (2, 64, 64) and maps.dtype == np.float32
     assert (tmp_path / "overlays" / "b.jpg" / "resnet18" / "saliency__No_Finding.png").is_file()
