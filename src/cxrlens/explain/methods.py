@@ -17,7 +17,10 @@
 
 Cost: gradient methods run one forward pass and one backward pass per target (the graph is kept
 between them); Captum needs a forward and a backward per target. Occlusion runs one sweep for all
-targets, under ``torch.inference_mode``, with up to ``max_batch`` occluded images per forward pass.
+targets, under ``torch.inference_mode``, with up to ``max_batch`` occluded images per forward pass,
+and (``incremental=True``, the default) recomputes the early layers only on a crop around each
+window where that is verified to be exact and saves work (see :mod:`cxrlens.explain.occlusion`;
+``meta["incremental_layer"]`` names the layer it cut at, None when it ran full passes).
 
 Conventions follow Captum so results can be compared: ``maps`` are the per-channel attributions
 summed over channels (for occlusion, whose window covers all channels, that is C times the mean
