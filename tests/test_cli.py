@@ -125,6 +125,7 @@ def test_split_command_writes_patient_split(tmp_path, monkeypatch, capsys):
         (["train", "--model", "vgg16", "--out", "{tmp}/x"], "unknown model 'vgg16'"),
         (["train", "--weights", "{tmp}/none.pth", "--out", "{tmp}/x", "--epochs", "1"], "weights file not found"),
         (["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/x"], "data not found"),
+        (["train", "--model", "inception_v3", "--image-size", "64", "--out", "{tmp}/x"], "at least 75 px"),
         (["evaluate", "--run", "{run}", "--split", "holdout"], "split 'holdout' does not occur"),
         (["evaluate", "--run", "{run}", "--threshold", "1.5"], "--threshold must lie in (0, 1)"),
         (["ensemble", "--runs", "{run}"], "an ensemble needs at least two runs"),

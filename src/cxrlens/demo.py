@@ -67,9 +67,24 @@ def run_demo(config: DemoConfig) -> dict:
     atomic_write_text(out / "f1_table.md", table)
     print(f"\nF1 on the cxr3 test split ({config.image_size} px, thresholds: {config.threshold}):\n\n{table}")
     nap_dead_shares(run_dirs, out / "nap")
+    explain_examples(run_dirs, out / "explain", config.image_size)
+    scorecard(run_dirs, out / "scorecard")
+    from cxrlens.report import build_report
+
+    report = build_report(
+        run_dirs,
+        out / "report.html",
+        ensemble_dir=out / "ensemble",
+        explain_dir=out / "explain",
+        nap_dir=out / "nap",
+        score_dir=out / "scorecard",
+        title="cxrlens demo: five CNNs on cxr3",
+    )
     print(f"outputs under {out}/: one run folder per model (weights, config.json, history.csv, eval-test/ with")
     print("metrics.json, metrics.md, confusion.png, roc.png), ensemble/soft and ensemble/majority, f1_table.md,")
-    print("nap/ (Neuron Activation Profiles of the test split: nap_*.npz, nap_stats.json, figures)")
+    print("nap/ (Neuron Activation Profiles of the test split: nap_*.npz, nap_stats.json, figures),")
+    print("explain/ (maps .npy, overlays, models x methods grids, summary.json), scorecard/ (lung focus,")
+    print(f"faithfulness, sanity, verdicts) and the whole story in one page: {report}")
     print(f"demo took {time.perf_counter() - started:.0f} s")
     return results
 
@@ -84,3 +99,54 @@ def nap_dead_shares(run_dirs: list[Path], out: Path) -> None:
     runs = [load_run(r) for r in run_dirs]
     result = run_nap(runs, load_manifest(None, runs[0].taxonomy).split("test"), out, progress=False)
     print("\n".join(dead_share_lines(result["stats"])))
+
+
+def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
+    """All nine attribution methods, every model, every class, for one test image of each class."""
+    import pandas as pd
+
+    from cxrlens.data import DEFAULT_DATA
+    from cxrlens.explain import METHODS
+    from cxrlens.explain_cli import explain_runs
+
+    print("\n== explanations of one test image per class", flush=True)
+    labels = pd.read_csv(DEFAULT_DATA / "labels.csv")
+    test = labels[labels["split"] == "test"]
+    images = [str(DEFAULT_DATA / test.loc[test["cls"] == c, "path"].iloc[0]) for c in ("covid", "pneumonia", "normal")]
+    # the study's occlusion window (50 px of 512) scaled to the demo size; non-overlapping windows keep it quick
+    window = max(8, round(50 * image_size / 512))
+    methods: dict[str, dict] = {name: {} for name in METHODS}
+    methods["occlusion"] = {"window": window, "stride": window}
+    explain_runs([str(r) for r in run_dirs], out, images=images, methods=methods)
+
+
+METHODS_FOR_DEMO = (
+    "occlusion",
+    "saliency",
+    "guided_backprop",
+    "input_x_gradient",
+    "integrated_gradients",
+    "deeplift",
+    "grad_cam",
+    "guided_grad_cam",
+    "smoothgrad",
+)
+
+
+def scorecard(run_dirs: list[Path], out: Path) -> None:
+    """Lung focus, faithfulness, sanity and the shortcut verdicts on the radiologists' lung masks."""
+    from cxrlens.score import run_scorecard
+
+    print("\n== scorecard on data/lungmasks", flush=True)
+    card = run_scorecard(
+        run_dirs,
+        None,
+        ("saliency", "integrated_gradients", "grad_cam"),
+        out,
+        max_images=16,
+        sanity_images=4,
+        robustness_images=4,
+        bootstrap=500,
+    )
+    for verdict in card.verdicts.values():
+        print(verdict["summary"])

@@ -41,7 +41,9 @@ def explain_runs(
     output: str = "sigmoid",
     max_batch: int = 16,
 ) -> dict:
-    """Explain image files (or the first ``max_images`` of a data split) with every run; returns the summary."""
+    """Explain image files (or the first ``max_images`` of a data split) with every run; returns the summary.
+
+    ``methods``: 'all', comma-separated names, or a mapping name -> parameters (e.g. an occlusion window)."""
     from cxrlens.explain import METHODS, explain_images
 
     runs: list[LoadedRun] = [load_run(r) for r in run_dirs]
@@ -55,7 +57,10 @@ def explain_runs(
     else:
         manifest = load_manifest(data, runs[0].taxonomy).split(split)
         files = [Path(p) for p in manifest.frame["path"].head(max_images)]
-    method_names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    if isinstance(methods, dict):  # name -> parameters
+        method_names: list[str] | dict[str, dict] = methods
+    else:
+        method_names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in method_names if m not in METHODS]
     if unknown:
         raise CxrlensError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")

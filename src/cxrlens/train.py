@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from cxrlens.data import Manifest, XrayDataset, load_manifest
 from cxrlens.errors import CxrlensError
-from cxrlens.models import AUX_LOSS_WEIGHT, create_model, forward_with_aux
+from cxrlens.models import AUX_LOSS_WEIGHT, create_model, forward_with_aux, get_spec
 from cxrlens.runs import TrainConfig, atomic_write_text, save_model_weights
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no marketing tips
@@ -188,6 +188,9 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None) -> tuple
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train one model; returns the run folder."""
     run_dir = Path(config.out)
+    min_size = get_spec(config.model).min_size
+    if config.image_size < min_size:
+        raise CxrlensError(f"{config.model} needs --image-size of at least {min_size} px, not {config.image_size}")
     if resume:
         if not (run_dir / f"{RESUME_NAME}.ckpt").is_file():
             raise CxrlensError(f"nothing to resume in {run_dir} (no {RESUME_NAME}.ckpt); start without --resume")
