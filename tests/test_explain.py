@@ -323,8 +323,8 @@ def test_matches_captum(resnet, x64, method: str) -> None:
     x = x64
     if method == "deeplift":
         # Captum's max-pool rule deviates from the rescale rule (max_unpool overwrites where
-        # overlapping windows share an arg-max; captum issue 1276; and where a ReLU feeds the pool,
-        # see test_deeplift_maxpool_matches_explicit_rule), so compare without the max-pool.
+        # overlapping windows share an arg-max, captum issue 1276, and it differs from the explicit
+        # evaluation in test_deeplift_maxpool_matches_explicit_rule), so compare without the max-pool.
         model = copy.deepcopy(model)
         model.maxpool = nn.Identity()
     params, run_captum = _captum_runs(model, x)[method]
