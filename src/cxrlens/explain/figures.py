@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # drawn off-screen,
 from matplotlib.figure import Figure
 
 from cxrlens.errors import CxrlensError
+from cxrlens.runs import atomic_write_bytes
 
 
 def _as_2d(array: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
@@ -80,21 +79,6 @@ def overlay(
         weight = np.full((*norm.shape, 1), alpha, dtype=np.float32)
     blended = (1 - weight) * base + weight * colours
     return (np.clip(blended, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path`` and rename it (readers never see halves)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
