@@ -85,12 +85,15 @@ def test_explain_images_writes_maps_figures_and_summary(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_explain_images_records_user_errors_per_method(tmp_path: Path) -> None:
+def test_explain_images_rejects_bad_input_before_writing(tmp_path: Path) -> None:
     torch.manual_seed(0)
     models = {"mine": create_model("resnet18", num_classes=3)}
-    summary = explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"],
-                             {"occlusion": {"window": 64}, "grad_cam": {}}, None, tmp_path, figures=False)
-    assert "larger than the 40x40 image" in summary["models"]["mine"]["methods"]["occlusion"]["error"]
+    with pytest.raises(CxrlensError, match="occlusion window 64x64 is larger than the 40x40 image"):
+        explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"],
+                       {"grad_cam": {}, "occlusion": {"window": 64}}, None, tmp_path / "out", figures=False)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    summary = explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"], {"grad_cam": {}}, None, tmp_path,
+                             figures=False)
     assert summary["models"]["mine"]["methods"]["grad_cam"]["layer"] == "layer4"
     with pytest.raises(CxrlensError, match="unknown class 'Flu'"):
         explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"], ["saliency"], ["Flu"], tmp_path)

@@ -44,10 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.figures import atomic_write_bytes, grid_figure, overlay, save_png
-from cxrlens.explain.methods import METHODS, attribute, get_method
+from cxrlens.explain.methods import METHODS, _pair, attribute, get_method
 from cxrlens.explain.rewrite import make_explainable
 
 
@@ -107,6 +108,7 @@ def explain_images(
     clip_percentile: float = 99.0,
     alpha: float = 0.5,
     figures: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Attribution maps of ``images`` for every model x method x target; see the module docstring."""
     if not models:
@@ -120,6 +122,15 @@ def explain_images(
     target_idx = _resolve_targets(targets, class_names)
     target_names = [class_names[t] for t in target_idx]
     params = _method_params(methods)
+    for name, method_params in params.items():  # fail before anything is written, not half-way
+        window = get_method(name).resolve(dict(method_params)).get("window")
+        if window is not None:
+            wh, ww = _pair(window, "window")
+            if wh > images.shape[-2] or ww > images.shape[-1]:
+                raise CxrlensError(
+                    f"{name} window {wh}x{ww} is larger than the {images.shape[-2]}x{images.shape[-1]} image; "
+                    "give a smaller window"
+                )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grey = images.detach().float().mean(1).clamp(0, 1).cpu().numpy()  # the X-ray, for overlays
@@ -134,6 +145,7 @@ def explain_images(
     }
     # overlays[image][model][method] = list of RGB arrays, one per target
     overlays: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {i: {} for i in ids}
+    bar = tqdm(total=len(models) * len(params) * n_images, desc="explain", unit="map", disable=not progress)
     for model_name, model in models.items():
         entry: dict[str, Any] = {"methods": {}}
         summary["models"][model_name] = entry
@@ -159,47 +171,52 @@ def explain_images(
                 rewrite_error = str(exc)
             entry["rewrite_seconds"] = round(time.perf_counter() - started, 4)
         for method, method_params in params.items():
-            spec = get_method(method)
-            needs = spec.needs_rewrite or (method == "smoothgrad" and get_method(
-                method_params.get("base", "saliency")).needs_rewrite)
-            if needs and explainable is None:
-                entry["methods"][method] = {"error": rewrite_error}
-                continue
+            bar.set_postfix_str(f"{model_name} / {method}")
             try:
-                result = attribute(
-                    explainable if explainable is not None else model,
-                    images, target_idx, method=method, output=output, max_batch=max_batch,
-                    channels_last=channels_last, autocast_bf16=autocast_bf16, model_name=model_name,
-                    **method_params,
-                )
-            except CxrlensError as exc:
-                entry["methods"][method] = {"error": str(exc)}
-                continue
-            record: dict[str, Any] = {
-                "params": result.meta["params"],
-                "signed": result.meta["signed"],
-                "seconds": round(result.meta["seconds"], 4),
-            }
-            if "layer" in result.meta:
-                record["layer"] = result.meta["layer"]
-            if result.delta is not None:
-                record["delta"] = {
-                    ids[b]: {name: float(result.delta[b, i]) for i, name in enumerate(target_names)}
-                    for b in range(n_images)
-                }
-            entry["methods"][method] = record
-            maps = result.maps.cpu().numpy()
-            for b, image_id in enumerate(ids):
-                _save_npy(maps[b], out / "maps" / image_id / _safe(model_name) / f"{_safe(method)}.npy")
-                if not figures:
+                spec = get_method(method)
+                needs = spec.needs_rewrite or (method == "smoothgrad" and get_method(
+                    method_params.get("base", "saliency")).needs_rewrite)
+                if needs and explainable is None:
+                    entry["methods"][method] = {"error": rewrite_error}
                     continue
-                rgbs = [overlay(grey[b], maps[b, i], result.meta["signed"], clip_percentile, alpha)
-                        for i in range(len(target_idx))]
-                overlays[image_id].setdefault(model_name, {})[method] = rgbs
-                for name, rgb in zip(target_names, rgbs, strict=True):
-                    save_png(rgb, out / "overlays" / image_id / _safe(model_name)
-                             / f"{_safe(method)}__{_safe(name)}.png")
+                try:
+                    result = attribute(
+                        explainable if explainable is not None else model,
+                        images, target_idx, method=method, output=output, max_batch=max_batch,
+                        channels_last=channels_last, autocast_bf16=autocast_bf16, model_name=model_name,
+                        **method_params,
+                    )
+                except CxrlensError as exc:
+                    entry["methods"][method] = {"error": str(exc)}
+                    continue
+                record: dict[str, Any] = {
+                    "params": result.meta["params"],
+                    "signed": result.meta["signed"],
+                    "seconds": round(result.meta["seconds"], 4),
+                }
+                if "layer" in result.meta:
+                    record["layer"] = result.meta["layer"]
+                if result.delta is not None:
+                    record["delta"] = {
+                        ids[b]: {name: float(result.delta[b, i]) for i, name in enumerate(target_names)}
+                        for b in range(n_images)
+                    }
+                entry["methods"][method] = record
+                maps = result.maps.cpu().numpy()
+                for b, image_id in enumerate(ids):
+                    _save_npy(maps[b], out / "maps" / image_id / _safe(model_name) / f"{_safe(method)}.npy")
+                    if not figures:
+                        continue
+                    rgbs = [overlay(grey[b], maps[b, i], result.meta["signed"], clip_percentile, alpha)
+                            for i in range(len(target_idx))]
+                    overlays[image_id].setdefault(model_name, {})[method] = rgbs
+                    for name, rgb in zip(target_names, rgbs, strict=True):
+                        save_png(rgb, out / "overlays" / image_id / _safe(model_name)
+                                 / f"{_safe(method)}__{_safe(name)}.png")
+            finally:
+                bar.update(n_images)
 
+    bar.close()
     if figures:
         summary["grids"] = _write_grids(out, ids, list(models), list(params), target_names, grey, overlays)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
