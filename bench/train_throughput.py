@@ -86,7 +86,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     images, targets = real_images(args.size, args.images)
     loader = DataLoader(TensorDataset(images, targets), batch_size=args.batch, shuffle=True, drop_last=True)
     plain, ours = [], []
