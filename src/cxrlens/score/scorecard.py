@@ -67,6 +67,12 @@ METRICS: dict[str, bool] = {
 REFERENCE_COLUMNS = ("lung_area", "opacity_area", "device_area", "outside_body_area")
 
 
+def _picked_mean(values: torch.Tensor, pick: np.ndarray) -> float:
+    """Mean of the picked, finite entries; NaN (without a warning) when there are none."""
+    chosen = np.where(pick, values.numpy(), np.nan)
+    return float(np.nanmean(chosen)) if np.isfinite(chosen).any() else float("nan")
+
+
 @dataclass
 class Scorecard:
     """What :func:`run_scorecard` computed (also written to ``out_dir``)."""
@@ -254,15 +260,15 @@ def score_model(
             values["sanity_spearman"][sanity_idx] = final["spearman"].numpy()
             values["sanity_ssim"][sanity_idx] = final["ssim"].numpy()
             pick = chosen[sanity_idx]
-            final_rho = float(np.nanmean(np.where(pick, final["spearman"].numpy(), np.nan)))
+            final_rho = _picked_mean(final["spearman"], pick)
             sanity[method] = {
                 "passes": bool(final_rho < sanity_threshold),
                 "spearman": final_rho,
                 "threshold": sanity_threshold,
                 "layers": result.layers,
                 "n_randomised": result.n_randomised,
-                "spearman_curve": [float(np.nanmean(np.where(pick, r.numpy(), np.nan))) for r in result.spearman],
-                "ssim_curve": [float(np.nanmean(np.where(pick, r.numpy(), np.nan))) for r in result.ssim],
+                "spearman_curve": [_picked_mean(r, pick) for r in result.spearman],
+                "ssim_curve": [_picked_mean(r, pick) for r in result.ssim],
                 "n_images": len(sanity_idx),
             }
         if len(robust_idx):
