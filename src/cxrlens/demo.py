@@ -139,14 +139,8 @@ def scorecard(run_dirs: list[Path], out: Path) -> None:
 
     print("\n== scorecard on data/lungmasks", flush=True)
     card = run_scorecard(
-        run_dirs,
-        None,
-        ("saliency", "integrated_gradients", "grad_cam"),
-        out,
-        max_images=16,
-        sanity_images=4,
-        robustness_images=4,
-        bootstrap=500,
+        run_dirs, None, ("saliency", "grad_cam"), out, max_images=12, steps=10, sanity_images=4,
+        robustness_images=4, bootstrap=500, progress=True,
     )
     for verdict in card.verdicts.values():
         print(verdict["summary"])
