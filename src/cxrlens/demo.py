@@ -120,19 +120,6 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
     explain_runs([str(r) for r in run_dirs], out, images=images, methods=methods)
 
 
-METHODS_FOR_DEMO = (
-    "occlusion",
-    "saliency",
-    "guided_backprop",
-    "input_x_gradient",
-    "integrated_gradients",
-    "deeplift",
-    "grad_cam",
-    "guided_grad_cam",
-    "smoothgrad",
-)
-
-
 def scorecard(run_dirs: list[Path], out: Path) -> None:
     """Lung focus, faithfulness, sanity and the shortcut verdicts on the radiologists' lung masks."""
     from cxrlens.score import run_scorecard
