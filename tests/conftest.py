@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CXR3 = ROOT / "data" / "cxr3"
 LUNGMASKS = ROOT / "data" / "lungmasks"
+XRAY = CXR3 / "images" / "actualmed-083cce5d2bcc.jpg"  # a real COVID-19 X-ray of the vendored set
 
 torch.set_num_threads(2)
 
@@ -34,3 +35,15 @@ def real_batch(cxr3_manifest):
     dataset = XrayDataset(test.select(mask), 64)
     images, targets = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return torch.stack(images), torch.stack(targets)
+
+
+def make_run(path: Path, seed: int, size: int = 64) -> Path:
+    """A run folder with untrained weights, written by the real writers: real loading code, no training time."""
+    from cxrlens.models import create_model
+    from cxrlens.runs import TrainConfig, save_model_weights
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True)
+    TrainConfig(model="resnet18", image_size=size, out=str(path)).save(path)
+    save_model_weights(create_model("resnet18", 3), path / "best.safetensors")
+    return path

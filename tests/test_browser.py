@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import CXR3, XRAY, make_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
-CXR3 = ROOT / "data" / "cxr3"
-XRAY = CXR3 / "images" / "actualmed-083cce5d2bcc.jpg"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -30,16 +28,6 @@ playwright_api = pytest.importorskip("playwright.sync_api",
                                      reason="playwright is not installed (pip install '.[test]')")
 
 
-def make_run(path: Path, seed: int, size: int = 64) -> Path:
-    """A run folder with untrained weights: real loading code, no training time."""
-    from cxrlens.models import create_model
-    from cxrlens.runs import TrainConfig, save_model_weights
-
-    torch.manual_seed(seed)
-    path.mkdir(parents=True)
-    TrainConfig(model="resnet18", image_size=size, out=str(path)).save(path)
-    save_model_weights(create_model("resnet18", 3), path / "best.safetensors")
-    return path
 
 
 @pytest.fixture(scope="module")

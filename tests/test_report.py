@@ -10,22 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import CXR3
+from conftest import make_run as make_untrained_run
 
-ROOT = Path(__file__).resolve().parents[1]
-CXR3 = ROOT / "data" / "cxr3"
 CHROMIUM = Path("/usr/bin/chromium")
 
 
 def make_run(path: Path, seed: int, size: int = 64) -> Path:
     """A run folder with untrained weights and a three-epoch history.csv as training writes it."""
-    from cxrlens.models import create_model
-    from cxrlens.runs import TrainConfig, save_model_weights
-
-    torch.manual_seed(seed)
-    path.mkdir(parents=True)
-    TrainConfig(model="resnet18", image_size=size, epochs=3, out=str(path)).save(path)
-    save_model_weights(create_model("resnet18", 3), path / "best.safetensors")
+    make_untrained_run(path, seed, size)
     history = pd.DataFrame({
         "epoch": [0, 1, 2], "step": [10, 20, 30], "train_loss": [0.69, 0.55, 0.41], "val_loss": [0.68, 0.6, 0.52],
         "val_f1/COVID-19": [0.1, 0.4, 0.6], "val_f1/Pneumonia": [0.5, 0.6, 0.7], "val_f1/Normal": [0.2, 0.5, 0.8],

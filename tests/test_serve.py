@@ -12,27 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import CXR3, XRAY, make_run
 from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CXR3 = ROOT / "data" / "cxr3"
-XRAY = CXR3 / "images" / "actualmed-083cce5d2bcc.jpg"  # a real COVID-19 X-ray of the vendored set
-
-
-def make_run(path: Path, seed: int, size: int = 64) -> Path:
-    """A run folder with untrained weights: real loading code, no training time."""
-    from cxrlens.models import create_model
-    from cxrlens.runs import TrainConfig, save_model_weights
-
-    torch.manual_seed(seed)
-    path.mkdir(parents=True)
-    TrainConfig(model="resnet18", image_size=size, out=str(path)).save(path)
-    save_model_weights(create_model("resnet18", 3), path / "best.safetensors")
-    return path
 
 
 @pytest.fixture(scope="module")
