@@ -18,8 +18,6 @@ the largest difference between the two maps relative to the largest Captum value
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import cpu_name  # bench/ is on sys.path when run as a script
 from torch import nn
 
 from cxrlens.explain import attribute, make_explainable
@@ -119,12 +118,7 @@ def our_params(method: str, args: argparse.Namespace) -> dict:
 
 
 def machine() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
-    except (OSError, subprocess.CalledProcessError):
-        model = platform.processor() or "?"
-    return f"{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -18,14 +18,13 @@ Usage: python bench/score.py [--size 224] [--images 4] [--steps 24] [--repeats 1
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import cpu_name  # bench/ is on sys.path when run as a script
 
 from cxrlens.models import create_model
 from cxrlens.score.masks import load_mask_set
@@ -43,12 +42,6 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

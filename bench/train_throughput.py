@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import time
 
 import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name  # bench/ is on sys.path when run as a script
 from torch.utils.data import DataLoader, TensorDataset
 
 from cxrlens.data import XrayDataset, load_manifest
@@ -96,9 +96,7 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved so drifting machine load hits both equally
         plain.append(plain_loop(args.model, loader, args.epochs))
         ours.append(cxrlens_loop(args.model, loader, args.epochs))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    print(f"machine: {platform.machine()} {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: {platform.machine()} {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.model}, {args.size} px, batch {args.batch}, {args.images} real images x {args.epochs} epochs")
     print(f"plain PyTorch loop: {max(plain):.1f} img/s (runs: {', '.join(f'{p:.1f}' for p in plain)})")
     print(f"cxrlens (Lightning): {max(ours):.1f} img/s (runs: {', '.join(f'{p:.1f}' for p in ours)})")

@@ -48,7 +48,8 @@ def train(
     from cxrlens.taxonomy import get_taxonomy
     from cxrlens.train import train as train_model
 
-    get_spec(model), get_taxonomy(taxonomy)
+    get_spec(model)  # unknown names fail before any data is read
+    get_taxonomy(taxonomy)
     if schedule not in ("cosine", "constant"):
         raise CxrlensError(f"--schedule must be cosine or constant, not '{schedule}'")
     config = TrainConfig(
