@@ -24,6 +24,7 @@ test: setup
 	bash scripts/install_browser.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -p no:cacheprovider
+	bash scripts/numerics.sh
 
 serve: setup
 	$(BIN)/cxrlens serve --runs runs/demo/resnet18 --runs runs/demo/resnet34 --runs runs/demo/inception_v3 \

@@ -30,6 +30,7 @@ from torch import nn
 
 from cxrlens.explain import attribute, make_explainable
 from cxrlens.models import create_model
+from cxrlens.testing import trained_like
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_NAMES = ("occlusion", "saliency", "input_x_gradient", "guided_backprop", "integrated_gradients",
@@ -60,18 +61,6 @@ def best_time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, floa
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
     return min(wall), min(cpu), result
-
-
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """BatchNorm statistics from ``images``, as training would set them (one pass in train mode)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
 
 
 def captum_runs(model: nn.Module, x: torch.Tensor, targets: list[int], args: argparse.Namespace) -> dict:
@@ -139,7 +128,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     images = load_xrays(args.size, 5)
-    model = calibrate_batchnorm(create_model("resnet18", num_classes=3), images[1:])
+    model = trained_like(create_model("resnet18", num_classes=3), images[1:])
     x = images[:1]
     targets = [0, 1, 2]
     started = time.perf_counter()
@@ -178,7 +167,7 @@ def main() -> None:
         if method == "smoothgrad":
             check = f"{difference:.1e} (different noise draws)"
         elif method == "deeplift" and difference > 1e-4:
-            check = f"{difference:.1e} (Captum's max-pool rule; see tests)"
+            check = f"{difference:.1e} (Captum's ReLU-to-max-pool and max-pool rules; see tests)"
         else:
             check = f"{difference:.1e} {'ok' if difference <= 1e-4 else 'DIFFERS'}"
         print(f"| {method} | {captum_wall:.3f} | {ours_wall:.3f} | {captum_wall / ours_wall:.2f}x "

@@ -22,6 +22,7 @@ import torch
 from cxrlens.data import XrayDataset, load_manifest
 from cxrlens.models import create_model
 from cxrlens.nap import compute_naps
+from cxrlens.testing import trained_like
 
 
 def load_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     images, targets = load_images(args.images, args.size)
     batches = [(images[i : i + args.batch], targets[i : i + args.batch]) for i in range(0, len(images), args.batch)]
-    model = create_model("resnet18", 3).eval()
+    model = trained_like(create_model("resnet18", 3), images[:8])
     classes = ("COVID-19", "Pneumonia", "Normal")
 
     def plain() -> None:

@@ -29,6 +29,7 @@ from _machine import cpu_name  # bench/ is on sys.path when run as a script
 from cxrlens.models import create_model
 from cxrlens.score.masks import load_mask_set
 from cxrlens.score.metrics import perturbation_curves, pointing_game
+from cxrlens.testing import trained_like
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +61,9 @@ def main() -> None:
         import quantus
 
     torch.manual_seed(0)
-    model = create_model(args.model, 3).eval()
     masks = load_mask_set(ROOT / "data" / "lungmasks", args.size)
     images = masks.images[: args.images].contiguous()
+    model = trained_like(create_model(args.model, 3), masks.images[args.images: args.images + 4])
     generator = torch.Generator().manual_seed(0)
     maps = torch.rand(len(images), 1, args.size, args.size, generator=generator)  # no ties
     targets = np.zeros(len(images), dtype=int)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ CXR3 = ROOT / "data" / "cxr3"
 LUNGMASKS = ROOT / "data" / "lungmasks"
 XRAY = CXR3 / "images" / "actualmed-083cce5d2bcc.jpg"  # a real COVID-19 X-ray of the vendored set
 
-torch.set_num_threads(2)
+# scripts/numerics.sh reruns the numerical tests with another thread count (tests/test_explain.py
+# defaults to one thread, the others to two).
+torch.set_num_threads(int(os.environ.get("CXRLENS_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

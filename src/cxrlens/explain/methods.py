@@ -110,7 +110,7 @@ class _Context:
                 f"target class {max(self.targets)} does not exist; the model has {out.shape[1]} outputs "
                 f"(valid targets 0-{out.shape[1] - 1})"
             )
-        return out[:, self.targets].float()
+        return widen(out[:, self.targets])
 
     def apply_output(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.output == "sigmoid" else logits
@@ -137,9 +137,16 @@ class _Context:
                 torch.autograd.grad(out[:, i].sum(), leaf, retain_graph=i < n_targets - 1)[0]
                 for i in range(n_targets)
             ]
-            grads.append(torch.stack(per_target, 1).float().contiguous())
+            grads.append(widen(torch.stack(per_target, 1)).contiguous())
             scores.append(out.detach())
         return torch.cat(grads), torch.cat(scores)
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: half-precision results (autocast) are widened, float64 stays float64, so a
+    model and images in double precision are explained in double precision (tests use that to check
+    exact properties far above rounding)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 # --- parameters ----------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ def _saliency(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
 
 def _input_x_gradient(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
     grads, scores = ctx.input_gradients(x)
-    return _Result(x.unsqueeze(1).float() * grads, scores=scores)
+    return _Result(widen(x.unsqueeze(1)) * grads, scores=scores)
 
 
 def _guided_backprop(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
@@ -229,7 +236,7 @@ def _integrated_gradients(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> 
     baseline = _baseline(p["baseline"], x)
     alphas, weights = ig_steps(n_steps, method)
     b, n_targets = x.shape[0], len(ctx.targets)
-    total = torch.zeros(b, n_targets, *x.shape[1:], device=x.device)
+    total = torch.zeros(b, n_targets, *x.shape[1:], device=x.device, dtype=widen(x).dtype)
     diff = x - baseline
     # All (step, image) pairs in chunks of max_batch; each chunk: one forward, T backwards.
     pairs = [(k, i) for k in range(n_steps) for i in range(b)]
@@ -238,11 +245,11 @@ def _integrated_gradients(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> 
         steps = torch.tensor([k for k, _ in chunk], device=x.device)
         images = torch.tensor([i for _, i in chunk], device=x.device)
         alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)[steps].view(-1, 1, 1, 1)
-        weight = torch.as_tensor(weights, dtype=torch.float32, device=x.device)[steps]
+        weight = torch.as_tensor(weights, dtype=total.dtype, device=x.device)[steps]
         scaled = baseline.expand_as(x)[images] + alpha * diff[images]
         grads, _ = ctx.input_gradients(scaled)
         total.index_add_(0, images, grads * weight.view(-1, 1, 1, 1, 1))
-    attr = diff.unsqueeze(1).float() * total
+    attr = widen(diff.unsqueeze(1)) * total
     ends = ctx.scores_no_grad(torch.cat([x, baseline.expand_as(x)]))
     scores, start_scores = ends[:b], ends[b:]
     delta = attr.flatten(2).sum(2) - (scores - start_scores)
@@ -271,11 +278,11 @@ def _deeplift(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
                     out_mult = torch.where(near, scores * (1 - scores), (scores - ref_scores) / dz.masked_fill(near, 1))
                 else:
                     out_mult = torch.ones_like(logits)
-            grads = torch.stack([
+            grads = widen(torch.stack([
                 torch.autograd.grad(logits[:, i], leaf, out_mult[:, i], retain_graph=i < n_targets - 1)[0]
                 for i in range(n_targets)
-            ], 1).float()
-            attr = (chunk - ref).unsqueeze(1).float() * grads
+            ], 1))
+            attr = widen((chunk - ref).unsqueeze(1)) * grads
             attrs.append(attr)
             deltas.append(attr.flatten(2).sum(2) - (scores - ref_scores))
             all_scores.append(scores)
@@ -347,8 +354,8 @@ def _capture(module: nn.Module, name: str) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _cam(activation: torch.Tensor, grad: torch.Tensor, relu: bool, size: tuple[int, int], mode: str) -> torch.Tensor:
-    weights = grad.float().mean(dim=(2, 3), keepdim=True)
-    cam = (weights * activation.detach().float()).sum(1, keepdim=True)
+    weights = widen(grad).mean(dim=(2, 3), keepdim=True)
+    cam = (weights * widen(activation.detach())).sum(1, keepdim=True)
     if relu:
         cam = cam.clamp(min=0)
     if mode == "bilinear":
@@ -378,7 +385,7 @@ def _grad_cam_common(ctx: _Context, x: torch.Tensor, p: dict[str, Any], guided: 
                 if guided:
                     state.guided = True
                     (gb,) = torch.autograd.grad(scores[:, i].sum(), leaf, retain_graph=i < n_targets - 1)
-                    cam = gb.float() * cam
+                    cam = widen(gb) * cam
                 per_target.append(cam)
             attrs.append(torch.stack(per_target, 1).contiguous())
             all_scores.append(scores.detach())
@@ -442,8 +449,8 @@ def _occlusion(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
             scores = ctx.scores_no_grad(x)
         # How many windows cover each pixel, and the sum of the output drops of those windows, by a
         # transposed convolution of the grid of drops with a window of ones.
-        ones = torch.ones(n_targets, 1, wh, ww, device=x.device)
-        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device)
+        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=scores.dtype)
+        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=scores.dtype)
         counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
         for i in range(b):
             image, base = x[i], baseline[i if baseline.shape[0] > 1 else 0]
@@ -451,7 +458,7 @@ def _occlusion(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
                 occluded = occluded_scores(plan, image, base, features[i: i + 1], windows, wh, ww, run,
                                            ctx.max_batch)
             else:
-                occluded = torch.empty(len(windows), n_targets, device=x.device)
+                occluded = torch.empty(len(windows), n_targets, device=x.device, dtype=scores.dtype)
                 for start in range(0, len(windows), ctx.max_batch):
                     batch_windows = windows[start: start + ctx.max_batch]
                     batch = image.unsqueeze(0).repeat(len(batch_windows), 1, 1, 1)
@@ -622,7 +629,7 @@ def attribute(
     ctx = _Context(model, target_list, output, max_batch, channels_last, autocast_bf16, model_name)
     with _evaluating(model, channels_last):
         result = spec.fn(ctx, images, resolved)
-    channel_maps = result.attr.float()
+    channel_maps = widen(result.attr)
     signed = spec.signed
     if spec.name == "smoothgrad":
         signed = resolved["kind"] == "smoothgrad" and METHODS[resolved["base"]].signed
