@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.figures import atomic_write_bytes, grid_figure, overlay, save_png
-from cxrlens.explain.methods import METHODS, _pair, attribute, get_method
+from cxrlens.explain.methods import METHODS, attribute, get_method
 from cxrlens.explain.rewrite import make_explainable
 
 
@@ -123,14 +123,7 @@ def explain_images(
     target_names = [class_names[t] for t in target_idx]
     params = _method_params(methods)
     for name, method_params in params.items():  # fail before anything is written, not half-way
-        window = get_method(name).resolve(dict(method_params)).get("window")
-        if window is not None:
-            wh, ww = _pair(window, "window")
-            if wh > images.shape[-2] or ww > images.shape[-1]:
-                raise CxrlensError(
-                    f"{name} window {wh}x{ww} is larger than the {images.shape[-2]}x{images.shape[-1]} image; "
-                    "give a smaller window"
-                )
+        get_method(name).check_params(method_params, (images.shape[-2], images.shape[-1]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grey = images.detach().float().mean(1).clamp(0, 1).cpu().numpy()  # the X-ray, for overlays
@@ -162,8 +155,7 @@ def explain_images(
         }
         explainable: nn.Module | None = None
         rewrite_error: str | None = None
-        if any(get_method(m).needs_rewrite or (m == "smoothgrad" and get_method(
-                p.get("base", "saliency")).needs_rewrite) for m, p in params.items()):
+        if any(get_method(m).needs_rewrite(p) for m, p in params.items()):
             started = time.perf_counter()
             try:
                 explainable = make_explainable(model, images[:1])
@@ -174,9 +166,7 @@ def explain_images(
             bar.set_postfix_str(f"{model_name} / {method}")
             try:
                 spec = get_method(method)
-                needs = spec.needs_rewrite or (method == "smoothgrad" and get_method(
-                    method_params.get("base", "saliency")).needs_rewrite)
-                if needs and explainable is None:
+                if spec.needs_rewrite(method_params) and explainable is None:
                     entry["methods"][method] = {"error": rewrite_error}
                     continue
                 try:
