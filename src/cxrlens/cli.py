@@ -182,11 +182,17 @@ def explain(
     output: Annotated[str, typer.Option(help="explain the sigmoid (the study's choice) or the logit")] = "sigmoid",
     max_batch: Annotated[int, typer.Option(help="perturbations / integration steps per forward pass")] = 16,
 ) -> None:
-    """Attribution maps (.npy), overlays, grids and a JSON summary for images x models x methods x classes."""
+    """Attribution maps (.npy), overlays, grids, a JSON summary and config.json for images x models x methods x
+    classes."""
+    from cxrlens.explain.config import ExplainConfig, ExplainSettings, parse_methods
     from cxrlens.explain_cli import explain_runs
 
-    summary = explain_runs(run, out, image, data, None if split == "all" else split, max_images, methods, targets,
-                           output, max_batch)
+    config = ExplainConfig(
+        runs=run, out=out, images=image or [], data=data, split=None if split == "all" else split,
+        max_images=max_images, methods=parse_methods(methods), targets=targets,
+        settings=ExplainSettings(output=output, max_batch=max_batch),
+    )
+    summary = explain_runs(config)
     typer.echo(f"explained {len(summary['images'])} image(s) with {len(summary['models'])} model(s); written to {out}")
 
 

@@ -102,6 +102,7 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
 
     from cxrlens.data import DEFAULT_DATA
     from cxrlens.explain import METHODS
+    from cxrlens.explain.config import ExplainConfig
     from cxrlens.explain_cli import explain_runs
 
     print("\n== explanations of one test image per class", flush=True)
@@ -112,7 +113,7 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
     window = max(8, round(50 * image_size / 512))
     methods: dict[str, dict] = {name: {} for name in METHODS}
     methods["occlusion"] = {"window": window, "stride": window}
-    explain_runs([str(r) for r in run_dirs], out, images=images, methods=methods)
+    explain_runs(ExplainConfig(runs=[str(r) for r in run_dirs], out=str(out), images=images, methods=methods))
 
 
 def scorecard(run_dirs: list[Path], out: Path) -> None:

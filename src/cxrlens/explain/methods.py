@@ -66,7 +66,7 @@ from cxrlens.models import MODELS
 
 __all__ = [
     "COSTS", "METHODS", "Attribution", "Method", "MethodContext", "MethodResult", "UiParam", "attribute",
-    "get_method", "register_method", "window_starts",
+    "describe_params", "get_method", "register_method", "window_starts",
 ]
 
 OUTPUTS = ("sigmoid", "logit")
@@ -406,14 +406,14 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
     raise CxrlensError(f"occlusion {name} must be a positive int or (height, width), got {value!r}")
 
 
-def _describe(params: dict[str, Any]) -> dict[str, Any]:
+def describe_params(params: dict[str, Any]) -> dict[str, Any]:
     """JSON-friendly copy of the parameters (tensors become their shape)."""
     out = {}
     for key, value in params.items():
         if isinstance(value, torch.Tensor):
             out[key] = f"tensor{list(value.shape)}"
         elif isinstance(value, dict):
-            out[key] = _describe(value)
+            out[key] = describe_params(value)
         else:
             out[key] = value
     return out
@@ -750,7 +750,7 @@ def _smoothgrad(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> Metho
         attr = attr.pow(2).mean(0)
     else:
         attr = attr.var(0, unbiased=False)
-    return MethodResult(attr, scores=ctx.scores_no_grad(x), meta={"base_params": _describe(base_params)})
+    return MethodResult(attr, scores=ctx.scores_no_grad(x), meta={"base_params": describe_params(base_params)})
 
 
 # --- attribute ----------------------------------------------------------------------------------
@@ -825,7 +825,7 @@ def attribute(
     channel_maps = result.attr.float()
     meta = {
         "method": spec.name,
-        "params": _describe(resolved),
+        "params": describe_params(resolved),
         "output": output,
         "targets": target_list,
         "signed": spec.signed(resolved),
