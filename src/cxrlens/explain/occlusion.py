@@ -243,6 +243,30 @@ def _crop_batch(image: torch.Tensor, base: torch.Tensor, windows: list[tuple[int
                                                                                                   strict=True)])
 
 
+def _crop_trial(cut: IncrementalPlan, cached: torch.Tensor, crop_image: torch.Tensor, crop: _Crop,
+                run: Run) -> tuple[torch.Tensor | None, str | None]:
+    """C's raw output on one crop [1, C, h, w], or why the layers before C cannot take crops.
+
+    The rest of the pass runs on C's patched (full-size) map, as in the sweep. Only a failure *before* C
+    (a prefix that accepts one input size only) means "no cut"; any later error is real and propagates."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        seen.append(out)
+        if _region_mismatch(out, [crop], cut.stride) is not None:  # reported by the caller
+            return cached.clone()
+        return _patcher(cut, cached, [crop])(module, args, out)
+
+    with _hooks([(cut.module, hook)]):
+        try:
+            run(crop_image)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it happened before C ran
+            if seen:
+                raise
+            return None, f"the layers before {cut.layer} do not accept a crop ({type(exc).__name__}: {exc})"
+    return seen[0], None
+
+
 def verify(plan: OcclusionPlan, image: torch.Tensor, base: torch.Tensor, cached: torch.Tensor,
            windows: list[tuple[int, int]], size: tuple[int, int], run: Run) -> OcclusionPlan:
     """Check the cut on ``windows`` of ``image`` [C, H, W]: C's patched output must fit and equal C's output
@@ -260,12 +284,13 @@ def verify(plan: OcclusionPlan, image: torch.Tensor, base: torch.Tensor, cached:
         crop = crop_for(cut, window[0], window[1], size[0], size[1], h, w)
         with _hooks([(cut.module, keep)]):
             run(occluded_copy(image, base, window, size)[None])
-            expected = seen["out"].float()
-            run(_crop_batch(image, base, [window], [crop], size))
-        problem = _region_mismatch(seen["out"], [crop], cut.stride)
+        expected = seen["out"].float()
+        out, problem = _crop_trial(cut, cached, _crop_batch(image, base, [window], [crop], size), crop, run)
+        if out is not None:
+            problem = _region_mismatch(out, [crop], cut.stride)
         if problem is not None:
             return OcclusionPlan(None, f"brute force, because layer {cut.layer} cannot be cut: {problem}")
-        actual = _patcher(cut, cached, [crop])(cut.module, (), seen["out"]).float()
+        actual = _patcher(cut, cached, [crop])(cut.module, (), out).float()
         scale = expected.abs().max().item()
         error = (actual - expected).abs().max().item()
         if not error <= TOLERANCE * scale + 1e-6:
