@@ -118,7 +118,7 @@ def _plan(models: dict[str, nn.Module], images: torch.Tensor, class_names: Seque
     if len(ids) != n_images or len(set(ids)) != n_images:
         raise CxrlensError(f"image_ids must be {n_images} distinct names, got {list(image_ids or [])}")
     target_idx = _resolve_targets(targets, class_names)
-    params = parse_methods(methods if isinstance(methods, dict) else list(methods))
+    params = parse_methods(methods if isinstance(methods, (dict, str)) else list(methods))
     for name, method_params in params.items():  # fail before anything is written, not half-way
         get_method(name).check_params(method_params, (images.shape[-2], images.shape[-1]))
     grey = images.detach().float().mean(1).clamp(0, 1).cpu().numpy()
