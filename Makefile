@@ -26,9 +26,9 @@ test: setup
 	$(BIN)/pytest -p no:cacheprovider
 	bash scripts/numerics.sh
 
+# Every registered model's demo run (`cxrlens models` lists the registry).
 serve: setup
-	$(BIN)/cxrlens serve --runs runs/demo/resnet18 --runs runs/demo/resnet34 --runs runs/demo/inception_v3 \
-		--runs runs/demo/inception_resnet_v2 --runs runs/demo/densenet161 --data data/cxr3
+	$(BIN)/cxrlens serve $(addprefix --runs runs/demo/,$(shell $(BIN)/cxrlens models)) --data data/cxr3
 
 lint: setup
 	$(BIN)/ruff check src tests bench

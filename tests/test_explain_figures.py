@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cxrlens.errors import CxrlensError
-from cxrlens.explain import explain_images, grid_figure, overlay
+from cxrlens.explain import ExplainSettings, explain_images, grid_figure, overlay
 from cxrlens.explain.figures import normalise
 from cxrlens.models import create_model
 from cxrlens.testing import trained_like
@@ -105,10 +105,11 @@ def test_explain_images_rejects_bad_input_before_writing(tmp_path: Path) -> None
     models = {"mine": create_model("resnet18", num_classes=3)}
     with pytest.raises(CxrlensError, match="occlusion window 64x64 is larger than the 40x40 image"):
         explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"],
-                       {"grad_cam": {}, "occlusion": {"window": 64}}, None, tmp_path / "out", figures=False)
+                       {"grad_cam": {}, "occlusion": {"window": 64}}, None, tmp_path / "out",
+                       settings=ExplainSettings(figures=False))
     assert not (tmp_path / "out").exists()  # nothing half-written
     summary = explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"], {"grad_cam": {}}, None, tmp_path,
-                             figures=False)
+                             settings=ExplainSettings(figures=False))
     assert summary["models"]["mine"]["methods"]["grad_cam"]["layer"] == "layer4"
     with pytest.raises(CxrlensError, match="unknown class 'Flu'"):
         explain_images(models, torch.rand(1, 3, 40, 40), ["a", "b", "c"], ["saliency"], ["Flu"], tmp_path)

@@ -20,9 +20,9 @@ app = typer.Typer(
 
 @app.command()
 def train(
-    model: Annotated[
-        str, typer.Option(help="resnet18, resnet34, inception_v3, inception_resnet_v2, densenet161")
-    ] = "resnet18",
+    model: Annotated[str, typer.Option(help="a registered architecture (list them with `cxrlens models`)")] = (
+        "resnet18"
+    ),
     data: Annotated[str, typer.Option(help="data folder or manifest (default: bundled data/cxr3)")] = "",
     out: Annotated[str, typer.Option(help="run folder to write")] = "runs/resnet18",
     taxonomy: Annotated[str, typer.Option(help="cxr3 or paper14")] = "cxr3",
@@ -182,11 +182,17 @@ def explain(
     output: Annotated[str, typer.Option(help="explain the sigmoid (the study's choice) or the logit")] = "sigmoid",
     max_batch: Annotated[int, typer.Option(help="perturbations / integration steps per forward pass")] = 16,
 ) -> None:
-    """Attribution maps (.npy), overlays, grids and a JSON summary for images x models x methods x classes."""
+    """Attribution maps (.npy), overlays, grids, a JSON summary and config.json for images x models x methods x
+    classes."""
+    from cxrlens.explain.config import ExplainConfig, ExplainSettings, parse_methods
     from cxrlens.explain_cli import explain_runs
 
-    summary = explain_runs(run, out, image, data, None if split == "all" else split, max_images, methods, targets,
-                           output, max_batch)
+    config = ExplainConfig(
+        runs=run, out=out, images=image or [], data=data, split=None if split == "all" else split,
+        max_images=max_images, methods=parse_methods(methods), targets=targets,
+        settings=ExplainSettings(output=output, max_batch=max_batch),
+    )
+    summary = explain_runs(config)
     typer.echo(f"explained {len(summary['images'])} image(s) with {len(summary['models'])} model(s); written to {out}")
 
 
@@ -264,12 +270,20 @@ def demo(
     image_size: int = 128,
     epochs: int = 0,
     max_images: int | None = None,
-    models: Annotated[str, typer.Option(help="comma-separated model names, or 'all'")] = "all",
+    models: Annotated[str, typer.Option(help="comma-separated names (see `cxrlens models`), or 'all'")] = "all",
 ) -> None:
-    """Train all five models on the bundled data at a reduced size, evaluate, ensemble, explain."""
+    """Train every registered model on the bundled data at a reduced size, evaluate, ensemble, explain."""
     from cxrlens.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=out, image_size=image_size, epochs=epochs or None, max_images=max_images, models=models))
+
+
+@app.command("models")
+def list_models() -> None:
+    """The registered architectures, one name per line (what --model and the Makefile accept)."""
+    from cxrlens.models import model_names
+
+    typer.echo("\n".join(model_names()))
 
 
 def main() -> None:

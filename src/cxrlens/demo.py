@@ -9,19 +9,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cxrlens.evaluate import markdown_table
-from cxrlens.models import model_names
+from cxrlens.models import get_spec, model_names
 from cxrlens.runs import TrainConfig, atomic_write_text
-
-# Epochs per model at the demo size: chosen so all five train in about 10 minutes on 2 CPU cores
-# (DenseNet161 and InceptionResNetV2 are 4-6x slower per image than ResNet18).
-DEMO_EPOCHS = {"resnet18": 8, "resnet34": 5, "inception_v3": 5, "inception_resnet_v2": 3, "densenet161": 3}
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
     image_size: int = 128
-    epochs: int | None = None  # None: DEMO_EPOCHS
+    epochs: int | None = None  # None: each model's demo_epochs (models.MODELS)
     max_images: int | None = None
     batch_size: int = 16
     models: str = "all"
@@ -31,7 +27,6 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> dict:
     from cxrlens.ensemble import ensemble_runs
     from cxrlens.evaluate import evaluate_run
-    from cxrlens.models import get_spec
     from cxrlens.train import train
 
     out = Path(config.out)
@@ -47,7 +42,7 @@ def run_demo(config: DemoConfig) -> dict:
         train_config = TrainConfig(
             model=name,
             out=str(run_dir),
-            epochs=config.epochs or DEMO_EPOCHS[name],
+            epochs=config.epochs or get_spec(name).demo_epochs,
             image_size=config.image_size,
             batch_size=config.batch_size,
             max_images=config.max_images,
@@ -107,6 +102,7 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
 
     from cxrlens.data import DEFAULT_DATA
     from cxrlens.explain import METHODS
+    from cxrlens.explain.config import ExplainConfig
     from cxrlens.explain_cli import explain_runs
 
     print("\n== explanations of one test image per class", flush=True)
@@ -117,7 +113,7 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
     window = max(8, round(50 * image_size / 512))
     methods: dict[str, dict] = {name: {} for name in METHODS}
     methods["occlusion"] = {"window": window, "stride": window}
-    explain_runs([str(r) for r in run_dirs], out, images=images, methods=methods)
+    explain_runs(ExplainConfig(runs=[str(r) for r in run_dirs], out=str(out), images=images, methods=methods))
 
 
 def scorecard(run_dirs: list[Path], out: Path) -> None:

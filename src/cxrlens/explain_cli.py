@@ -1,5 +1,6 @@
 """Glue for ``cxrlens explain``: gather images from files, folders or a manifest split, load runs,
-choose targets, and call ``cxrlens.explain.explain_images`` once per input size."""
+choose targets, and call ``cxrlens.explain.explain_images`` once per input size, as an
+:class:`~cxrlens.explain.config.ExplainConfig` says."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from cxrlens.data import IMAGE_SUFFIXES, load_image_tensor, load_manifest
 from cxrlens.errors import CxrlensError
+from cxrlens.explain.config import ExplainConfig
 from cxrlens.runs import LoadedRun, load_run, predict
 
 
@@ -29,62 +31,38 @@ def _image_files(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def explain_runs(
-    run_dirs: Sequence[str],
-    out: str | Path,
-    images: Sequence[str] | None = None,
-    data: str | None = None,
-    split: str | None = "test",
-    max_images: int = 8,
-    methods: str = "all",
-    targets: str = "all",
-    output: str = "sigmoid",
-    max_batch: int = 16,
-) -> dict:
-    """Explain image files (or the first ``max_images`` of a data split) with every run; returns the summary.
+def _input_files(config: ExplainConfig, run: LoadedRun) -> list[Path]:
+    if config.images:
+        return _image_files(config.images)
+    manifest = load_manifest(config.data, run.taxonomy).split(config.split)
+    return [Path(p) for p in manifest.frame["path"].head(config.max_images)]
 
-    ``methods``: 'all', comma-separated names, or a mapping name -> parameters (e.g. an occlusion window)."""
-    from cxrlens.explain import METHODS, explain_images
 
-    runs: list[LoadedRun] = [load_run(r) for r in run_dirs]
+def explain_runs(config: ExplainConfig, progress: bool = True) -> dict:
+    """Explain image files (or the first ``max_images`` of a data split) with every run; returns the summary
+    and saves ``config`` as config.json in ``config.out`` once everything is written."""
+    from cxrlens.explain import explain_images
+
+    runs: list[LoadedRun] = [load_run(r) for r in config.runs]
     classes = runs[0].taxonomy.classes
     if any(r.taxonomy.classes != classes for r in runs):
         raise CxrlensError("runs of different taxonomies cannot be explained together")
-    if bool(images) == bool(data):
-        raise CxrlensError("give either --image (files or folders) or --data (a data set), not both or neither")
-    if images:
-        files = _image_files(images)
-    else:
-        manifest = load_manifest(data, runs[0].taxonomy).split(split)
-        files = [Path(p) for p in manifest.frame["path"].head(max_images)]
-    if isinstance(methods, dict):  # name -> parameters
-        method_names: list[str] | dict[str, dict] = methods
-    else:
-        method_names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in method_names if m not in METHODS]
-    if unknown:
-        raise CxrlensError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
+    files = _input_files(config, runs[0])
     ids = [f.stem for f in files]
     summary: dict = {"images": ids, "models": {}}
     sizes = sorted({r.config.image_size for r in runs})
     for size in sizes:  # models trained at one size are explained together, in one grid
         group = [r for r in runs if r.config.image_size == size]
         batch = torch.stack([load_image_tensor(f, size) for f in files])
-        chosen = _targets(targets, group, batch, classes)
+        models = ({r.name: r.model for r in group} if len({r.name for r in group}) == len(group)
+                  else {f"{r.name}-{i}": r.model for i, r in enumerate(group)})
         part = explain_images(
-            {r.name: r.model for r in group}
-            if len({r.name for r in group}) == len(group)
-            else {f"{r.name}-{i}": r.model for i, r in enumerate(group)},
-            batch,
-            classes,
-            method_names,
-            chosen,
-            Path(out) if len(sizes) == 1 else Path(out) / f"{size}px",
-            image_ids=ids,
-            output=output,
-            max_batch=max_batch,
+            models, batch, classes, config.methods, _targets(config.targets, group, batch, classes),
+            Path(config.out) if len(sizes) == 1 else Path(config.out) / f"{size}px",
+            image_ids=ids, settings=config.settings, progress=progress,
         )
         summary["models"].update(part["models"])
+    config.save(config.out)
     return summary
 
 

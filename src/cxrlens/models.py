@@ -7,7 +7,7 @@ InceptionV3's auxiliary head is run only by the training step (``forward_with_au
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,48 +39,128 @@ class AdaptiveInceptionAux(InceptionAux):
         return self.fc(x)
 
 
+# Activation modules: what ``activation_call_counts`` counts and what hook-based attribution rules replace
+# (cxrlens.explain.rewrite and .rules read this list).
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+)
+_AUX_HEAD_ATTR = "_cxrlens_aux_head"  # set by create_model on models whose spec has an auxiliary head
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build one architecture and where its interesting layers are."""
+    """One architecture: how to build it and the facts the rest of cxrlens needs about it."""
 
-    timm_name: str
-    build_kwargs: dict
-    min_size: int  # smallest input side the network accepts
+    name: str
+    build: Callable[[int], nn.Module]  # num_classes -> the network with fresh weights, returning logits
     gradcam_layer: str  # last convolutional stage, default target of Grad-CAM
     nap_layers: tuple[str, ...]  # the stages after each down-sampling (the study's NAP layers)
+    min_size: int = 32  # smallest input side the network accepts
+    input_size: int = 224  # the side it was designed for (and its ImageNet weights trained at)
+    demo_epochs: int = 3  # epochs `cxrlens demo` trains it for (its share of a ~10-minute CPU budget)
+    aux_head: str | None = None  # submodule of an auxiliary classifier, trained with AUX_LOSS_WEIGHT
 
 
-MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec("resnet18", {}, 32, "layer4", ("maxpool", "layer1", "layer2", "layer3", "layer4")),
-    "resnet34": ModelSpec("resnet34", {}, 32, "layer4", ("maxpool", "layer1", "layer2", "layer3", "layer4")),
-    "inception_v3": ModelSpec(
-        "inception_v3",
-        {"aux_logits": True},
-        75,
-        "Mixed_7c",
-        ("Conv2d_4a_3x3", "Mixed_5b", "Mixed_5c", "Mixed_6a", "Mixed_7a", "Mixed_7b", "Mixed_7c"),
-    ),
-    "inception_resnet_v2": ModelSpec(
-        "inception_resnet_v2",
-        {},
-        75,
-        "conv2d_7b",
-        ("maxpool_3a", "maxpool_5a", "mixed_5b", "mixed_6a", "mixed_7a", "conv2d_7b"),
-    ),
-    "densenet161": ModelSpec(
-        "densenet161",
-        {},
-        32,
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    gradcam_layer: str,
+    nap_layers: Sequence[str],
+    min_size: int = 32,
+    input_size: int = 224,
+    demo_epochs: int = 3,
+    aux_head: str | None = None,
+) -> Callable[[Callable[[int], nn.Module]], Callable[[int], nn.Module]]:
+    """Register the decorated builder ``build(num_classes) -> nn.Module`` as architecture ``name``
+    (as timm's ``@register_model``), with its facts (see :class:`ModelSpec`).
+
+    A model with an ``aux_head`` must also offer timm's InceptionV3 split ``forward_preaux``,
+    ``forward_postaux`` and ``forward_head`` so the training step can run the head.
+    """
+    if name in MODELS:
+        raise CxrlensError(f"model '{name}' is already registered; pick another name")
+
+    def decorator(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        MODELS[name] = ModelSpec(name, build, gradcam_layer, tuple(nap_layers), min_size, input_size, demo_epochs,
+                                 aux_head)
+        return build
+
+    return decorator
+
+
+def _timm(timm_name: str, num_classes: int, **kwargs: object) -> nn.Module:
+    return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+RESNET_STAGES = ("maxpool", "layer1", "layer2", "layer3", "layer4")
+# demo_epochs: chosen so all five train in about 10 minutes on 2 CPU cores at the demo size (DenseNet161 and
+# InceptionResNetV2 are 4-6x slower per image than ResNet18).
+
+
+@register_model("resnet18", gradcam_layer="layer4", nap_layers=RESNET_STAGES, demo_epochs=8)
+def resnet18(num_classes: int) -> nn.Module:
+    return _timm("resnet18", num_classes)
+
+
+@register_model("resnet34", gradcam_layer="layer4", nap_layers=RESNET_STAGES, demo_epochs=5)
+def resnet34(num_classes: int) -> nn.Module:
+    return _timm("resnet34", num_classes)
+
+
+@register_model(
+    "inception_v3",
+    gradcam_layer="Mixed_7c",
+    nap_layers=("Conv2d_4a_3x3", "Mixed_5b", "Mixed_5c", "Mixed_6a", "Mixed_7a", "Mixed_7b", "Mixed_7c"),
+    min_size=75,
+    input_size=299,
+    demo_epochs=5,
+    aux_head="AuxLogits",
+)
+def inception_v3(num_classes: int) -> nn.Module:
+    model = _timm("inception_v3", num_classes, aux_logits=True)
+    model.AuxLogits.__class__ = AdaptiveInceptionAux
+    model.aux_logits = False  # model(x) returns logits only; the training step runs the aux head
+    return model
+
+
+@register_model(
+    "inception_resnet_v2",
+    gradcam_layer="conv2d_7b",
+    nap_layers=("maxpool_3a", "maxpool_5a", "mixed_5b", "mixed_6a", "mixed_7a", "conv2d_7b"),
+    min_size=75,
+    input_size=299,
+    demo_epochs=3,
+)
+def inception_resnet_v2(num_classes: int) -> nn.Module:
+    return _timm("inception_resnet_v2", num_classes)
+
+
+@register_model(
+    "densenet161",
+    gradcam_layer="features.norm5",
+    nap_layers=(
+        "features.denseblock1.denselayer1.norm1",
+        "features.denseblock2.denselayer1.norm1",
+        "features.denseblock3.denselayer1.norm1",
+        "features.denseblock4.denselayer1.norm1",
         "features.norm5",
-        (
-            "features.denseblock1.denselayer1.norm1",
-            "features.denseblock2.denselayer1.norm1",
-            "features.denseblock3.denselayer1.norm1",
-            "features.denseblock4.denselayer1.norm1",
-            "features.norm5",
-        ),
     ),
-}
+    demo_epochs=3,
+)
+def densenet161(num_classes: int) -> nn.Module:
+    return _timm("densenet161", num_classes)
 
 
 def model_names() -> list[str]:
@@ -113,23 +193,27 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None)
     classifier is dropped when its shape does not fit.
     """
     spec = get_spec(name)
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **spec.build_kwargs)
-    if hasattr(model, "AuxLogits"):
-        model.AuxLogits.__class__ = AdaptiveInceptionAux
-        model.aux_logits = False  # model(x) returns logits only; the training step runs the aux head
+    model = spec.build(num_classes)
+    if spec.aux_head is not None:
+        setattr(model, _AUX_HEAD_ATTR, spec.aux_head)
     make_explanation_safe(model)
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
+def aux_head_name(model: nn.Module) -> str | None:
+    """The auxiliary classifier's submodule name of a model built by ``create_model``, if it has one."""
+    return getattr(model, _AUX_HEAD_ATTR, None)
+
+
 def forward_with_aux(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits and, for InceptionV3 in training mode, the auxiliary logits."""
-    aux_head = getattr(model, "AuxLogits", None)
-    if aux_head is None or not model.training:
+    """Logits and, for a model with an auxiliary head (InceptionV3) in training mode, the auxiliary logits."""
+    name = aux_head_name(model)
+    if name is None or not model.training:
         return model(x), None
     features = model.forward_preaux(x)
-    aux = aux_head(features)
+    aux = model.get_submodule(name)(features)
     features = model.forward_postaux(features)
     return model.forward_head(features), aux
 
@@ -208,7 +292,9 @@ def load_weights(model: nn.Module, path: str | Path, strict_head: bool = False) 
                 f"{tuple(target[key].shape)}; the file is for another architecture or class count"
             )
         loadable[key] = value
-    backbone_keys = [k for k in target if k.rsplit(".", 1)[0] not in head_names and not k.startswith("AuxLogits")]
+    aux = aux_head_name(model)
+    backbone_keys = [k for k in target if k.rsplit(".", 1)[0] not in head_names
+                     and (aux is None or not k.startswith(f"{aux}."))]
     matched = sum(k in loadable for k in backbone_keys)
     if matched < 0.9 * len(backbone_keys):
         raise CxrlensError(
@@ -222,8 +308,9 @@ def load_weights(model: nn.Module, path: str | Path, strict_head: bool = False) 
 def _classifier_names(model: nn.Module) -> set[str]:
     names = set()
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    for name, module in model.named_modules():
-        if module is classifier or name.startswith("AuxLogits.fc"):
+    aux = aux_head_name(model)
+    for name, module in model.named_modules():  # the main classifier and the auxiliary head's linear layers
+        if module is classifier or (aux is not None and name.startswith(f"{aux}.") and isinstance(module, nn.Linear)):
             names.add(name)
     return names
 
@@ -231,7 +318,6 @@ def _classifier_names(model: nn.Module) -> set[str]:
 def activation_call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """How often each activation module runs in one forward pass (should be 1 for every module)."""
     counts: dict[str, int] = {}
-    activation_types = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
 
     def counter(name: str) -> Callable:
         def hook(module, args, output):
@@ -242,7 +328,7 @@ def activation_call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     handles = [
         module.register_forward_hook(counter(name))
         for name, module in model.named_modules()
-        if isinstance(module, activation_types)
+        if isinstance(module, ACTIVATION_TYPES)
     ]
     try:
         with torch.no_grad():

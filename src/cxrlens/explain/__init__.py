@@ -8,17 +8,38 @@
 * :mod:`~cxrlens.explain.figures` — overlays and grid figures.
 * :mod:`~cxrlens.explain.report` — ``explain_images(...)`` writes maps, overlays, a grid figure
   and a JSON summary for a set of models and images (what the CLI calls).
+* :mod:`~cxrlens.explain.config` — ``ExplainConfig`` (one explain job, saved as config.json) and
+  ``ExplainSettings`` (how maps are computed and drawn).
+
+Extension point: ``register_method`` (see :mod:`~cxrlens.explain.methods`).
 """
 
+from cxrlens.explain.config import ExplainConfig, ExplainSettings, parse_methods
 from cxrlens.explain.figures import grid_figure, overlay
-from cxrlens.explain.methods import METHODS, Attribution, attribute, get_method
+from cxrlens.explain.methods import (
+    METHODS,
+    Attribution,
+    Method,
+    MethodContext,
+    MethodResult,
+    UiParam,
+    attribute,
+    get_method,
+    register_method,
+)
 from cxrlens.explain.report import explain_images
 from cxrlens.explain.rewrite import RewriteError, find_hazards, is_explainable, make_explainable
 
 __all__ = [
     "METHODS",
     "Attribution",
+    "ExplainConfig",
+    "ExplainSettings",
+    "Method",
+    "MethodContext",
+    "MethodResult",
     "RewriteError",
+    "UiParam",
     "attribute",
     "explain_images",
     "find_hazards",
@@ -27,4 +48,6 @@ __all__ = [
     "is_explainable",
     "make_explainable",
     "overlay",
+    "parse_methods",
+    "register_method",
 ]

@@ -15,12 +15,28 @@
   (Integrated gradients calls Captum's ``method`` argument ``integration``: gausslegendre,
   riemann_right, riemann_left, riemann_middle or riemann_trapezoid.)
 
+Each method is a :class:`Method` that knows itself (as Captum's attribution objects answer
+``has_convergence_delta()``): ``needs_rewrite(params)``, ``signed(params)``, ``cost``,
+``batched_targets``, ``has_convergence_delta()`` and the parameters an interactive front end may offer
+(``ui_params(size)``, ``interactive_params(size)``). Callers (explain_images, the scorecard, the web
+app) ask the method and never name one. A new method is a function registered beside its
+definition (as timm's ``@register_model``)::
+
+    @register_method("edge", description="...", defaults={"scale": 1.0}, signed=False,
+                     ui=(UiParam("scale", "float", 1.0, low=0.0, high=10.0),))
+    def edge(ctx: MethodContext, x: Tensor, params: dict) -> MethodResult: ...
+
+``ctx`` holds the model and the explained output (``ctx.scores(x)``, ``ctx.input_gradients(x)``);
+the function returns per-channel maps [N, T, C, H, W]. SmoothGrad wraps another method (parameter
+``base``, its parameters ``base_params``); the wrapped method's capabilities flow through it.
+
 Cost: gradient methods run one forward pass and one backward pass per target (the graph is kept
 between them); Captum needs a forward and a backward per target. Occlusion runs one sweep for all
 targets, under ``torch.inference_mode``, with up to ``max_batch`` occluded images per forward pass,
 and (``incremental=True``, the default) recomputes the early layers only on a crop around each
 window where that is verified to be exact and saves work (see :mod:`cxrlens.explain.occlusion`;
-``meta["incremental_layer"]`` names the layer it cut at, None when it ran full passes).
+``meta["incremental_layer"]`` names the layer it cut at, None when it ran full passes, and
+``meta["occlusion_plan"]`` says why).
 
 Conventions follow Captum so results can be compared: ``maps`` are the per-channel attributions
 summed over channels (for occlusion, whose window covers all channels, that is C times the mean
@@ -30,7 +46,7 @@ integrated gradients and DeepLIFT.
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -43,14 +59,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrlens.errors import CxrlensError
-from cxrlens.explain.occlusion import MIN_WINDOWS, occluded_scores, plan_incremental
+from cxrlens.explain.occlusion import occluded_scores, plan_occlusion, window_starts
 from cxrlens.explain.rewrite import is_explainable, make_explainable
 from cxrlens.explain.rules import EPS, DeepLiftHooks, GuidedState, guided_relus
 from cxrlens.models import MODELS
 
+__all__ = [
+    "COSTS", "METHODS", "Attribution", "Method", "MethodContext", "MethodResult", "UiParam", "attribute",
+    "describe_params", "get_method", "register_method", "window_starts",
+]
+
 OUTPUTS = ("sigmoid", "logit")
 IG_METHODS = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
 SMOOTHGRAD_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
+# What one explanation costs, roughly: one forward and T backward passes per image ("gradient"), many of
+# them (integration steps, noise samples: "path"), or one forward pass per perturbation ("perturbation").
+COSTS = ("gradient", "path", "perturbation")
 
 
 @dataclass
@@ -71,21 +96,33 @@ class Attribution:
 
 
 @dataclass
-class _Result:
-    attr: torch.Tensor  # [N, T, C, H, W]
+class MethodResult:
+    """What a method function returns: per-channel maps [N, T, C, H, W] (Grad-CAM: C = 1), signed
+    convergence deltas [N, T] if it has them, the explained outputs [N, T], and metadata."""
+
+    attr: torch.Tensor
     delta: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class _Context:
-    """One attribute() call: the model, the explained output and the execution options."""
+class MethodContext:
+    """One attribute() call: the model, the explained output, the execution options and the method run."""
 
     def __init__(self, model: nn.Module, targets: list[int], output: str, max_batch: int,
                  channels_last: bool, autocast_bf16: bool, model_name: str | None) -> None:
         self.model, self.targets, self.output = model, targets, output
         self.max_batch, self.channels_last, self.bf16 = max_batch, channels_last, autocast_bf16
         self.model_name = model_name
+        self.method: Method | None = None
+
+    def using(self, method: Method, targets: list[int] | None = None) -> MethodContext:
+        """A copy for running ``method`` (a wrapper asks ``ctx.method`` for its base), on ``targets``."""
+        ctx = copy.copy(self)
+        ctx.method = method
+        if targets is not None:
+            ctx.targets = targets
+        return ctx
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
@@ -149,6 +186,201 @@ def widen(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+# --- registry ------------------------------------------------------------------------------------
+
+MethodFn = Callable[[MethodContext, torch.Tensor, dict[str, Any]], MethodResult]
+Rule = bool | Callable[[dict[str, Any]], bool]  # a fixed answer, or one that depends on the resolved parameters
+UI_KINDS = ("int", "float", "bool", "choice")
+
+
+@dataclass(frozen=True)
+class UiParam:
+    """A parameter an interactive front end may offer: its type, range and the value used there.
+
+    ``default``, ``low`` and ``high`` may be functions of the image side in pixels (an occlusion window
+    is a share of the image); ``choices`` may be a function, for lists that grow with the registry."""
+
+    name: str
+    kind: str  # int, float, bool or choice
+    default: Any
+    low: float | Callable[[int], float] | None = None
+    high: float | Callable[[int], float] | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in UI_KINDS:
+            raise CxrlensError(f"UiParam '{self.name}': kind must be one of {', '.join(UI_KINDS)}, not '{self.kind}'")
+
+    def value(self, size: int) -> Any:
+        """The value an interactive explanation of a ``size`` px image uses."""
+        return self.default(size) if callable(self.default) else self.default
+
+    def describe(self, size: int) -> dict[str, Any]:
+        """JSON-friendly: name, type, default, and min/max or choices."""
+        out: dict[str, Any] = {"name": self.name, "type": self.kind, "default": self.value(size)}
+        for key, bound in (("min", self.low), ("max", self.high)):
+            if bound is not None:
+                out[key] = bound(size) if callable(bound) else bound
+        if self.kind == "choice":
+            out["choices"] = list(self.choices() if callable(self.choices) else self.choices)
+        return out
+
+
+def _answer(rule: Rule, params: dict[str, Any]) -> bool:
+    return bool(rule(params) if callable(rule) else rule)
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    """One attribution method and what it knows about itself; call it like :func:`attribute` without
+    ``method``. Made by :func:`register_method` (see there for the fields)."""
+
+    name: str
+    fn: MethodFn
+    defaults: dict[str, Any]
+    description: str
+    cost: str = "gradient"
+    batched_targets: bool = True
+    wraps: bool = False
+    convergence_delta: bool = False
+    signed_rule: Rule = True
+    rewrite_rule: Rule = False
+    check: Callable[[dict[str, Any], tuple[int, int]], None] | None = None
+    ui: tuple[UiParam, ...] = ()
+
+    def resolve(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The defaults updated with ``params``; unknown parameter names are errors."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise CxrlensError(
+                f"unknown parameter '{unknown[0]}' for method '{self.name}'; valid parameters: "
+                f"{', '.join(self.defaults) or 'none'}"
+            )
+        return {**self.defaults, **params}
+
+    @property
+    def wrappable(self) -> bool:
+        """SmoothGrad-like wrappers can average it over noisy inputs: it is computed from gradients."""
+        return not self.wraps and self.cost != "perturbation"
+
+    def wrapped(self, params: dict[str, Any] | None = None) -> Method:
+        """The method a wrapper applies (its ``base`` parameter), checked."""
+        base = self.resolve(params)["base"]
+        if base not in METHODS or not METHODS[base].wrappable:
+            valid = [name for name, m in METHODS.items() if m.wrappable]
+            raise CxrlensError(f"{self.name} cannot wrap '{base}'; base must be one of: {', '.join(valid)}")
+        return METHODS[base]
+
+    def needs_rewrite(self, params: dict[str, Any] | None = None) -> bool:
+        """Uses backward rules on nonlinear modules, so the model must be explainable (see explain.rewrite)."""
+        p = self.resolve(params)
+        return _answer(self.rewrite_rule, p) or (self.wraps and self.wrapped(p).needs_rewrite(p["base_params"]))
+
+    def signed(self, params: dict[str, Any] | None = None) -> bool:
+        """The maps have meaningful signs (shown with a diverging colour map)."""
+        p = self.resolve(params)
+        return _answer(self.signed_rule, p) and (not self.wraps or self.wrapped(p).signed(p["base_params"]))
+
+    def has_convergence_delta(self) -> bool:
+        """Returns the convergence delta sum(attribution) - (f(x) - f(baseline)) (Captum's question)."""
+        return self.convergence_delta
+
+    def check_params(self, params: dict[str, Any] | None, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Resolved parameters, checked against the image size before any work (and any file) is done."""
+        p = self.resolve(params)
+        if self.check is not None:
+            self.check(p, image_size)
+        if self.wraps:
+            self.wrapped(p).check_params(p["base_params"], image_size)
+        return p
+
+    def interactive_params(self, size: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Parameters that keep one explanation of a ``size`` px image interactive (a few seconds on a CPU),
+        over ``params``; a wrapper passes its base method's on."""
+        out = {u.name: u.value(size) for u in self.ui}
+        out.update(params or {})
+        if self.wraps:
+            base = self.wrapped(out)
+            out["base_params"] = base.interactive_params(size, self.resolve(out)["base_params"]) or None
+        return out
+
+    def ui_params(self, size: int) -> list[dict[str, Any]]:
+        """What a front end may offer for a ``size`` px image: name, type, range or choices, default."""
+        return [u.describe(size) for u in self.ui]
+
+    def run(self, ctx: MethodContext, images: torch.Tensor, params: dict[str, Any]) -> MethodResult:
+        """The function on resolved ``params``: once, or once per target if it explains one target at a time."""
+        if self.batched_targets:
+            return self.fn(ctx.using(self), images, params)
+        parts = [self.fn(ctx.using(self, [t]), images, params) for t in ctx.targets]
+
+        def joined(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(v is None for v in values) else torch.cat(values, 1)  # type: ignore[arg-type]
+
+        return MethodResult(torch.cat([r.attr for r in parts], 1), delta=joined([r.delta for r in parts]),
+                            scores=joined([r.scores for r in parts]), meta=parts[0].meta)
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: Sequence[int] | int,
+                 **kwargs: Any) -> Attribution:
+        return attribute(model, images, targets, method=self.name, **kwargs)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    description: str,
+    defaults: dict[str, Any] | None = None,
+    cost: str = "gradient",
+    signed: Rule = True,
+    needs_rewrite: Rule = False,
+    convergence_delta: bool = False,
+    batched_targets: bool = True,
+    wraps: bool = False,
+    check: Callable[[dict[str, Any], tuple[int, int]], None] | None = None,
+    ui: Sequence[UiParam] = (),
+) -> Callable[[MethodFn], MethodFn]:
+    """Register the decorated function ``fn(ctx, images, params) -> MethodResult`` as method ``name``.
+
+    description: one line for menus and reports; defaults: every parameter with its default (the
+    only names accepted); cost: one of :data:`COSTS`; signed / needs_rewrite: True/False or a function
+    of the resolved parameters; convergence_delta: the result carries deltas; batched_targets: the
+    function explains all targets at once (otherwise it is called once per target); wraps: the method
+    applies another (parameter ``base``, whose parameters are ``base_params``) and that method's
+    needs_rewrite and signedness flow through; check(params, (H, W)): raises CxrlensError for
+    parameters that do not fit the images; ui: the parameters an interactive front end may offer.
+    """
+    if name in METHODS:
+        raise CxrlensError(f"attribution method '{name}' is already registered; pick another name")
+    if cost not in COSTS:
+        raise CxrlensError(f"method '{name}': cost must be one of {', '.join(COSTS)}, not '{cost}'")
+    defaults = dict(defaults or {})
+    if wraps and not {"base", "base_params"} <= set(defaults):
+        raise CxrlensError(f"method '{name}' wraps another: its defaults need 'base' and 'base_params'")
+    unknown = [u.name for u in ui if u.name not in defaults]
+    if unknown:
+        raise CxrlensError(f"method '{name}': UI parameter '{unknown[0]}' is not one of its parameters")
+
+    def decorator(fn: MethodFn) -> MethodFn:
+        METHODS[name] = Method(
+            name=name, fn=fn, defaults=defaults, description=description, cost=cost,
+            batched_targets=batched_targets, wraps=wraps, convergence_delta=convergence_delta,
+            signed_rule=signed, rewrite_rule=needs_rewrite, check=check, ui=tuple(ui),
+        )
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise CxrlensError(f"unknown attribution method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 # --- parameters ----------------------------------------------------------------------------------
 
 def _baseline(value: Any, x: torch.Tensor, name: str = "baseline") -> torch.Tensor:
@@ -181,35 +413,94 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
     raise CxrlensError(f"occlusion {name} must be a positive int or (height, width), got {value!r}")
 
 
-def _describe(params: dict[str, Any]) -> dict[str, Any]:
+def describe_params(params: dict[str, Any]) -> dict[str, Any]:
     """JSON-friendly copy of the parameters (tensors become their shape)."""
     out = {}
     for key, value in params.items():
         if isinstance(value, torch.Tensor):
             out[key] = f"tensor{list(value.shape)}"
         elif isinstance(value, dict):
-            out[key] = _describe(value)
+            out[key] = describe_params(value)
         else:
             out[key] = value
     return out
 
 
+# --- occlusion -----------------------------------------------------------------------------------
+
+def _check_window(p: dict[str, Any], image_size: tuple[int, int]) -> None:
+    (wh, ww), h, w = _pair(p["window"], "window"), image_size[0], image_size[1]
+    _pair(p["stride"], "stride")
+    if wh > h or ww > w:
+        raise CxrlensError(
+            f"occlusion window {wh}x{ww} is larger than the {h}x{w} image; use a window of at most {h}x{w}"
+        )
+
+
+@register_method(
+    "occlusion",
+    description="output drop when a window is replaced by the baseline, averaged over windows",
+    defaults={"window": 50, "stride": 4, "baseline": 0.0, "incremental": True},
+    cost="perturbation",
+    check=_check_window,
+    # The study's window (50 px at 512, stride 4: ~13,000 passes) is for batch jobs; interactively a window
+    # of an eighth of the image.
+    ui=(UiParam("window", "int", lambda size: max(4, size // 8), low=2, high=lambda size: size),
+        UiParam("stride", "int", lambda size: max(2, size // 16), low=1, high=lambda size: size)),
+)
+def _occlusion(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
+    (wh, ww), (sh, sw) = _pair(p["window"], "window"), _pair(p["stride"], "stride")
+    b, c, h, w = x.shape
+    baseline = _baseline(p["baseline"], x)
+    ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
+    windows = [(y0, x0) for y0 in ys for x0 in xs]
+    n_targets = len(ctx.targets)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return ctx.scores(ctx.prepare(batch))
+
+    attrs = []
+    with torch.inference_mode():
+        plan, scores, features = plan_occlusion(ctx.model, x, baseline, windows, (wh, ww), run, ctx.max_batch,
+                                                incremental=p["incremental"])
+        # How many windows cover each pixel, and the sum of the output drops of those windows, by a
+        # transposed convolution of the grid of drops with a window of ones.
+        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=scores.dtype)
+        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=scores.dtype)
+        counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
+        for i in range(b):
+            base = baseline[i if baseline.shape[0] > 1 else 0]
+            cached = None if features is None else features[i: i + 1]
+            occluded = occluded_scores(plan, x[i], base, cached, windows, (wh, ww), run, ctx.max_batch)
+            grid_drops = (scores[i] - occluded).T.reshape(1, n_targets, len(ys), len(xs))
+            summed = F.conv_transpose2d(grid_drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
+            attrs.append((summed / counts.clamp(min=1))[0])
+    attr = torch.stack(attrs).unsqueeze(2).expand(b, n_targets, c, h, w)
+    meta = {"n_windows": len(windows), "incremental_layer": plan.layer, "occlusion_plan": plan.reason}
+    return MethodResult(attr, scores=scores, meta=meta)
+
+
 # --- gradient methods ----------------------------------------------------------------------------
 
-def _saliency(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method("saliency", description="absolute input gradient", defaults={"abs": True},
+                 signed=lambda p: not p["abs"], ui=(UiParam("abs", "bool", True),))
+def _saliency(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     grads, scores = ctx.input_gradients(x)
-    return _Result(grads.abs() if p["abs"] else grads, scores=scores)
+    return MethodResult(grads.abs() if p["abs"] else grads, scores=scores)
 
 
-def _input_x_gradient(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method("input_x_gradient", description="input times gradient")
+def _input_x_gradient(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     grads, scores = ctx.input_gradients(x)
-    return _Result(widen(x.unsqueeze(1)) * grads, scores=scores)
+    return MethodResult(widen(x.unsqueeze(1)) * grads, scores=scores)
 
 
-def _guided_backprop(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method("guided_backprop", description="gradient passing only positive gradients back through ReLUs",
+                 needs_rewrite=True)
+def _guided_backprop(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     with guided_relus(ctx.model):
         grads, scores = ctx.input_gradients(x)
-    return _Result(grads, scores=scores)
+    return MethodResult(grads, scores=scores)
 
 
 def ig_steps(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +518,16 @@ def ig_steps(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.arange(n_steps) + offset) / n_steps, np.full(n_steps, 1 / n_steps)
 
 
-def _integrated_gradients(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method(
+    "integrated_gradients",
+    description="path integral of gradients from the baseline",
+    defaults={"n_steps": 50, "integration": "gausslegendre", "baseline": 0.0},
+    cost="path",
+    convergence_delta=True,
+    ui=(UiParam("n_steps", "int", 16, low=1, high=256),
+        UiParam("integration", "choice", "gausslegendre", choices=IG_METHODS)),
+)
+def _integrated_gradients(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     n_steps, method = p["n_steps"], p["integration"]
     if method not in IG_METHODS:
         raise CxrlensError(f"unknown integration '{method}'; choose one of: {', '.join(IG_METHODS)}")
@@ -253,10 +553,12 @@ def _integrated_gradients(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> 
     ends = ctx.scores_no_grad(torch.cat([x, baseline.expand_as(x)]))
     scores, start_scores = ends[:b], ends[b:]
     delta = attr.flatten(2).sum(2) - (scores - start_scores)
-    return _Result(attr, delta=delta, scores=scores)
+    return MethodResult(attr, delta=delta, scores=scores)
 
 
-def _deeplift(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method("deeplift", description="DeepLIFT, rescale rule", defaults={"baseline": 0.0},
+                 needs_rewrite=True, convergence_delta=True)
+def _deeplift(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     baseline = _baseline(p["baseline"], x)
     hooks = DeepLiftHooks(ctx.model)
     n_targets = len(ctx.targets)
@@ -286,7 +588,7 @@ def _deeplift(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
             attrs.append(attr)
             deltas.append(attr.flatten(2).sum(2) - (scores - ref_scores))
             all_scores.append(scores)
-    return _Result(torch.cat(attrs), delta=torch.cat(deltas), scores=torch.cat(all_scores))
+    return MethodResult(torch.cat(attrs), delta=torch.cat(deltas), scores=torch.cat(all_scores))
 
 
 # --- Grad-CAM ------------------------------------------------------------------------------------
@@ -363,8 +665,8 @@ def _cam(activation: torch.Tensor, grad: torch.Tensor, relu: bool, size: tuple[i
     return F.interpolate(cam, size=size, mode=mode)
 
 
-def _grad_cam_common(ctx: _Context, x: torch.Tensor, p: dict[str, Any], guided: bool) -> _Result:
-    if p["interpolate"] not in ("bilinear", "nearest", "bicubic"):
+def _grad_cam_common(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any], guided: bool) -> MethodResult:
+    if p["interpolate"] not in INTERPOLATIONS:
         raise CxrlensError(f"interpolate must be bilinear, nearest or bicubic, got {p['interpolate']!r}")
     layer = resolve_layer(ctx.model, p["layer"], ctx.model_name, ctx.prepare(x[:1]))
     module = ctx.model.get_submodule(layer)
@@ -389,111 +691,65 @@ def _grad_cam_common(ctx: _Context, x: torch.Tensor, p: dict[str, Any], guided: 
                 per_target.append(cam)
             attrs.append(torch.stack(per_target, 1).contiguous())
             all_scores.append(scores.detach())
-    return _Result(torch.cat(attrs), scores=torch.cat(all_scores), meta={"layer": layer})
+    return MethodResult(torch.cat(attrs), scores=torch.cat(all_scores), meta={"layer": layer})
 
 
-def _grad_cam(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method(
+    "grad_cam",
+    description="gradient-weighted class activation map of a convolutional layer",
+    defaults={"layer": None, "relu": True, "interpolate": "bilinear"},
+    signed=False,
+    ui=(UiParam("relu", "bool", True), UiParam("interpolate", "choice", "bilinear", choices=INTERPOLATIONS)),
+)
+def _grad_cam(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     return _grad_cam_common(ctx, x, p, guided=False)
 
 
-def _guided_grad_cam(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
+@register_method(
+    "guided_grad_cam",
+    description="guided backprop times Grad-CAM",
+    defaults={"layer": None, "interpolate": "bilinear"},
+    needs_rewrite=True,
+    ui=(UiParam("interpolate", "choice", "bilinear", choices=INTERPOLATIONS),),
+)
+def _guided_grad_cam(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     return _grad_cam_common(ctx, x, p, guided=True)
-
-
-# --- occlusion -----------------------------------------------------------------------------------
-
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Window positions along one side: from 0 in steps of ``stride`` until the side is covered
-    (the last window may stick out and is then cut off), as Captum does."""
-    return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
-
-
-def _occlusion(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
-    (wh, ww), (sh, sw) = _pair(p["window"], "window"), _pair(p["stride"], "stride")
-    b, c, h, w = x.shape
-    if wh > h or ww > w:
-        raise CxrlensError(
-            f"occlusion window {wh}x{ww} is larger than the {h}x{w} image; use a window of at most {h}x{w}"
-        )
-    baseline = _baseline(p["baseline"], x)
-    ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
-    windows = [(y0, x0) for y0 in ys for x0 in xs]
-    n_targets = len(ctx.targets)
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        return ctx.scores(ctx.prepare(batch))
-
-    attrs = []
-    with torch.inference_mode():
-        plan = None
-        if p["incremental"] and len(windows) >= MIN_WINDOWS:
-            plan = plan_incremental(ctx.model, x[:1], (wh, ww), run)
-        cached: dict[str, torch.Tensor] = {}
-        if plan is not None:  # C's output for the unoccluded images, with their scores
-            def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-                cached.setdefault("maps", []).append(out)  # type: ignore[attr-defined]
-
-            handle = plan.module.register_forward_hook(keep)
-            try:
-                scores = torch.cat([run(chunk) for chunk in x.split(ctx.max_batch)])
-            finally:
-                handle.remove()
-            features = torch.cat(cached["maps"])  # type: ignore[arg-type]
-            probe = sorted({0, len(windows) // 2 + len(xs) // 2, len(windows) - 1})
-            try:  # exactness on three windows, or no plan
-                occluded_scores(plan, x[0], baseline[0], features[:1], [windows[i] for i in probe], wh, ww,
-                                run, ctx.max_batch, check=True)
-            except (AssertionError, RuntimeError, IndexError):
-                plan = None
-        else:
-            scores = ctx.scores_no_grad(x)
-        # How many windows cover each pixel, and the sum of the output drops of those windows, by a
-        # transposed convolution of the grid of drops with a window of ones.
-        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=scores.dtype)
-        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=scores.dtype)
-        counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
-        for i in range(b):
-            image, base = x[i], baseline[i if baseline.shape[0] > 1 else 0]
-            if plan is not None:
-                occluded = occluded_scores(plan, image, base, features[i: i + 1], windows, wh, ww, run,
-                                           ctx.max_batch)
-            else:
-                occluded = torch.empty(len(windows), n_targets, device=x.device, dtype=scores.dtype)
-                for start in range(0, len(windows), ctx.max_batch):
-                    batch_windows = windows[start: start + ctx.max_batch]
-                    batch = image.unsqueeze(0).repeat(len(batch_windows), 1, 1, 1)
-                    for j, (y0, x0) in enumerate(batch_windows):
-                        batch[j, :, y0: y0 + wh, x0: x0 + ww] = base[:, y0: y0 + wh, x0: x0 + ww]
-                    occluded[start: start + len(batch_windows)] = run(batch)
-            drops = scores[i] - occluded
-            grid_drops = drops.T.reshape(1, n_targets, len(ys), len(xs))
-            summed = F.conv_transpose2d(grid_drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
-            attrs.append((summed / counts.clamp(min=1))[0])
-    attr = torch.stack(attrs).unsqueeze(2).expand(b, n_targets, c, h, w)
-    meta = {"n_windows": len(windows), "incremental_layer": plan.layer if plan is not None else None}
-    return _Result(attr, scores=scores, meta=meta)
 
 
 # --- SmoothGrad ----------------------------------------------------------------------------------
 
-def _smoothgrad(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
-    base = p["base"]
-    if base not in METHODS or not METHODS[base].gradient or base == "smoothgrad":
-        valid = [name for name, m in METHODS.items() if m.gradient and name != "smoothgrad"]
-        raise CxrlensError(f"smoothgrad cannot wrap '{base}'; base must be one of: {', '.join(valid)}")
+def _wrappable_names() -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.wrappable)
+
+
+@register_method(
+    "smoothgrad",
+    description="average of a gradient method over noisy copies of the input",
+    defaults={"base": "saliency", "n_samples": 16, "stdev": 0.15, "kind": "smoothgrad", "seed": 0,
+              "base_params": None},
+    cost="path",
+    wraps=True,
+    signed=lambda p: p["kind"] == "smoothgrad",  # squares and variances are never negative
+    ui=(UiParam("base", "choice", "saliency", choices=_wrappable_names),
+        UiParam("kind", "choice", "smoothgrad", choices=SMOOTHGRAD_KINDS),
+        UiParam("n_samples", "int", 8, low=1, high=64),
+        UiParam("stdev", "float", 0.15, low=0.0, high=1.0)),
+)
+def _smoothgrad(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
+    base = ctx.method.wrapped(p)
     if p["kind"] not in SMOOTHGRAD_KINDS:
         raise CxrlensError(f"unknown smoothgrad kind '{p['kind']}'; choose one of: {', '.join(SMOOTHGRAD_KINDS)}")
     n, b = int(p["n_samples"]), x.shape[0]
     if n < 1:
         raise CxrlensError(f"n_samples must be >= 1, got {n}")
-    base_params = METHODS[base].resolve(dict(p["base_params"] or {}))
+    base_params = base.resolve(p["base_params"])
     baseline = base_params.get("baseline")
     if isinstance(baseline, torch.Tensor) and baseline.dim() == 4 and baseline.shape[0] == b > 1:
         base_params["baseline"] = baseline.repeat(n, 1, 1, 1)  # one copy per noise sample
     generator = torch.Generator(device=x.device).manual_seed(int(p["seed"]))
     noise = torch.randn((n * b, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
     noisy = x.repeat(n, 1, 1, 1) + float(p["stdev"]) * noise  # sample-major: index = sample * B + image
-    result = METHODS[base].fn(ctx, noisy, base_params)
+    result = base.run(ctx, noisy, base_params)
     attr = result.attr.view(n, b, *result.attr.shape[1:])
     if p["kind"] == "smoothgrad":
         attr = attr.mean(0)
@@ -501,68 +757,10 @@ def _smoothgrad(ctx: _Context, x: torch.Tensor, p: dict[str, Any]) -> _Result:
         attr = attr.pow(2).mean(0)
     else:
         attr = attr.var(0, unbiased=False)
-    return _Result(attr, scores=ctx.scores_no_grad(x), meta={"base_params": _describe(base_params)})
+    return MethodResult(attr, scores=ctx.scores_no_grad(x), meta={"base_params": describe_params(base_params)})
 
 
-# --- registry ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Method:
-    """One attribution method; call it like :func:`attribute` without ``method``."""
-
-    name: str
-    fn: Callable[[_Context, torch.Tensor, dict[str, Any]], _Result]
-    defaults: dict[str, Any]
-    signed: bool  # maps have meaningful signs (shown with a diverging colour map)
-    gradient: bool  # can be wrapped by SmoothGrad
-    needs_rewrite: bool  # uses backward rules on nonlinear modules (see explain.rewrite)
-    description: str
-
-    def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise CxrlensError(
-                f"unknown parameter '{unknown[0]}' for method '{self.name}'; valid parameters: "
-                f"{', '.join(self.defaults) or 'none'}"
-            )
-        return {**self.defaults, **params}
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, targets: Sequence[int] | int,
-                 **kwargs: Any) -> Attribution:
-        return attribute(model, images, targets, method=self.name, **kwargs)
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("occlusion", _occlusion, {"window": 50, "stride": 4, "baseline": 0.0, "incremental": True},
-               True, False, False,
-               "output drop when a window is replaced by the baseline, averaged over windows"),
-        Method("saliency", _saliency, {"abs": True}, False, True, False, "absolute input gradient"),
-        Method("input_x_gradient", _input_x_gradient, {}, True, True, False, "input times gradient"),
-        Method("guided_backprop", _guided_backprop, {}, True, True, True,
-               "gradient passing only positive gradients back through ReLUs"),
-        Method("integrated_gradients", _integrated_gradients,
-               {"n_steps": 50, "integration": "gausslegendre", "baseline": 0.0}, True, True, False,
-               "path integral of gradients from the baseline"),
-        Method("deeplift", _deeplift, {"baseline": 0.0}, True, True, True, "DeepLIFT, rescale rule"),
-        Method("grad_cam", _grad_cam, {"layer": None, "relu": True, "interpolate": "bilinear"}, False, True,
-               False, "gradient-weighted class activation map of a convolutional layer"),
-        Method("guided_grad_cam", _guided_grad_cam, {"layer": None, "interpolate": "bilinear"}, True, True,
-               True, "guided backprop times Grad-CAM"),
-        Method("smoothgrad", _smoothgrad,
-               {"base": "saliency", "n_samples": 16, "stdev": 0.15, "kind": "smoothgrad", "seed": 0,
-                "base_params": None}, True, False, False,
-               "average of a gradient method over noisy copies of the input"),
-    )
-}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise CxrlensError(f"unknown attribution method '{name}'; choose one of: {', '.join(METHODS)}")
-    return METHODS[name]
-
+# --- attribute ----------------------------------------------------------------------------------
 
 @contextmanager
 def _evaluating(model: nn.Module, channels_last: bool) -> Iterator[None]:
@@ -585,10 +783,20 @@ def _evaluating(model: nn.Module, channels_last: bool) -> Iterator[None]:
             model.to(memory_format=torch.contiguous_format)
 
 
-def _needs_rewrite(method: Method, params: dict[str, Any]) -> bool:
-    if method.name == "smoothgrad":
-        return METHODS.get(params["base"], method).needs_rewrite
-    return method.needs_rewrite
+
+def _check_inputs(output: str, images: Any, targets: Sequence[int] | int, max_batch: Any) -> list[int]:
+    """The target list, after checking the options every method shares."""
+    if output not in OUTPUTS:
+        raise CxrlensError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise CxrlensError(f"images must be a float tensor [batch, channels, height, width], got {shape}")
+    target_list = [targets] if isinstance(targets, int) else list(targets)
+    if not target_list or not all(isinstance(t, int) and t >= 0 for t in target_list):
+        raise CxrlensError(f"targets must be a non-empty list of class indices >= 0, got {targets!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise CxrlensError(f"max_batch must be a positive int, got {max_batch!r}")
+    return target_list
 
 
 def attribute(
@@ -612,33 +820,22 @@ def attribute(
     instead when explaining many batches.
     """
     spec = get_method(method)
-    resolved = spec.resolve(params)
-    if output not in OUTPUTS:
-        raise CxrlensError(f"output must be one of {', '.join(OUTPUTS)}, got '{output}'")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise CxrlensError(f"images must be a float tensor [batch, channels, height, width], got {shape}")
-    target_list = [targets] if isinstance(targets, int) else list(targets)
-    if not target_list or not all(isinstance(t, int) and t >= 0 for t in target_list):
-        raise CxrlensError(f"targets must be a non-empty list of class indices >= 0, got {targets!r}")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise CxrlensError(f"max_batch must be a positive int, got {max_batch!r}")
-    if _needs_rewrite(spec, resolved) and not is_explainable(model):
+    spec.resolve(params)  # unknown parameters first: the most likely mistake
+    target_list = _check_inputs(output, images, targets, max_batch)
+    resolved = spec.check_params(params, (images.shape[-2], images.shape[-1]))
+    if spec.needs_rewrite(resolved) and not is_explainable(model):
         model = make_explainable(model, images[:1])
     started = time.perf_counter()
-    ctx = _Context(model, target_list, output, max_batch, channels_last, autocast_bf16, model_name)
+    ctx = MethodContext(model, target_list, output, max_batch, channels_last, autocast_bf16, model_name)
     with _evaluating(model, channels_last):
-        result = spec.fn(ctx, images, resolved)
+        result = spec.run(ctx, images, resolved)
     channel_maps = widen(result.attr)
-    signed = spec.signed
-    if spec.name == "smoothgrad":
-        signed = resolved["kind"] == "smoothgrad" and METHODS[resolved["base"]].signed
     meta = {
         "method": spec.name,
-        "params": _describe(resolved),
+        "params": describe_params(resolved),
         "output": output,
         "targets": target_list,
-        "signed": signed,
+        "signed": spec.signed(resolved),
         "seconds": time.perf_counter() - started,
         "channels_last": channels_last,
         "autocast_bf16": autocast_bf16,

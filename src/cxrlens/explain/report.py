@@ -1,6 +1,6 @@
 """Explain a batch of images with several models and methods and write everything to a folder.
 
-The CLI calls::
+The CLI (through ``explain_runs``) calls::
 
     explain_images(
         models: dict[str, nn.Module],         # name -> model; registry names pick the Grad-CAM layer
@@ -11,13 +11,9 @@ The CLI calls::
         out_dir: str | Path,
         *,
         image_ids: Sequence[str] | None = None,  # file stems; default image0, image1, ...
-        output: str = "sigmoid",
-        max_batch: int = 16,
-        channels_last: bool = False,
-        autocast_bf16: bool = False,
-        clip_percentile: float = 99.0,
-        alpha: float = 0.5,
-        figures: bool = True,
+        settings: ExplainSettings | None = None, # output, max_batch, channels_last, autocast_bf16,
+                                                 # clip_percentile, alpha, figures
+        progress: bool = True,
     ) -> dict                                  # the summary also written to summary.json
 
 and it writes (every file atomically: temporary file, then rename)::
@@ -27,8 +23,12 @@ and it writes (every file atomically: temporary file, then rename)::
     out_dir/grids/<image>__<class>__models_x_methods.png
     out_dir/grids/<image>__<model>__methods_x_classes.png
     out_dir/summary.json   predictions (sigmoid per class), method parameters, signed convergence
-                           deltas (IG, DeepLIFT), timings, and per-method errors (e.g. a user model
+                           deltas (IG, DeepLIFT), what each method reports about itself (Grad-CAM
+                           layer, occlusion plan), timings, and per-method errors (e.g. a user model
                            that cannot be rewritten for DeepLIFT) instead of aborting the run
+
+The pipeline: check everything (:func:`_plan`), then per model its predictions, one explainable copy
+if any method needs it, and per method the maps, overlays and a summary record; grids last.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cxrlens.errors import CxrlensError
+from cxrlens.explain.config import ExplainSettings, parse_methods
 from cxrlens.explain.figures import atomic_write_bytes, grid_figure, overlay, save_png
-from cxrlens.explain.methods import METHODS, _pair, attribute, get_method
+from cxrlens.explain.methods import Attribution, attribute, get_method
 from cxrlens.explain.rewrite import make_explainable
+
+# Metadata every attribution carries; anything else a method reports (layer, occlusion plan) goes into the summary.
+_COMMON_META = {"method", "params", "output", "targets", "signed", "seconds", "channels_last", "autocast_bf16"}
 
 
 def _safe(name: str) -> str:
@@ -75,21 +80,49 @@ def _resolve_targets(targets: Sequence[int | str] | None, class_names: Sequence[
     return resolved
 
 
-def _method_params(methods: Sequence[str] | dict[str, dict]) -> dict[str, dict[str, Any]]:
-    items = methods.items() if isinstance(methods, dict) else ((m, {}) for m in methods)
-    out = {}
-    for name, params in items:
-        get_method(name).resolve(dict(params or {}))  # unknown methods/parameters fail up front
-        out[name] = dict(params or {})
-    if not out:
-        raise CxrlensError(f"no attribution methods given; choose from: {', '.join(METHODS)}")
-    return out
-
-
 def _save_npy(array: np.ndarray, path: Path) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32))
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class _Job:
+    """Everything one explain_images call needs, checked before anything is written."""
+
+    images: torch.Tensor
+    ids: list[str]
+    classes: list[str]
+    targets: list[int]
+    methods: dict[str, dict[str, Any]]
+    settings: ExplainSettings
+    out: Path
+    grey: np.ndarray  # the X-rays [B, H, W] in [0, 1], for overlays
+    # overlays[image][model][method] = RGB arrays, one per target, for the grids
+    overlays: dict[str, dict[str, dict[str, list[np.ndarray]]]] = field(default_factory=dict)
+
+    @property
+    def target_names(self) -> list[str]:
+        return [self.classes[t] for t in self.targets]
+
+
+def _plan(models: dict[str, nn.Module], images: torch.Tensor, class_names: Sequence[str],
+          methods: Sequence[str] | dict[str, dict], targets: Sequence[int | str] | None, out_dir: str | Path,
+          image_ids: Sequence[str] | None, settings: ExplainSettings) -> _Job:
+    if not models:
+        raise CxrlensError("no models to explain")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise CxrlensError("images must be a tensor [batch, 3, height, width]")
+    n_images = images.shape[0]
+    ids = [f"image{i}" for i in range(n_images)] if image_ids is None else [_safe(i) for i in image_ids]
+    if len(ids) != n_images or len(set(ids)) != n_images:
+        raise CxrlensError(f"image_ids must be {n_images} distinct names, got {list(image_ids or [])}")
+    target_idx = _resolve_targets(targets, class_names)
+    params = parse_methods(methods if isinstance(methods, (dict, str)) else list(methods))
+    for name, method_params in params.items():  # fail before anything is written, not half-way
+        get_method(name).check_params(method_params, (images.shape[-2], images.shape[-1]))
+    grey = images.detach().float().mean(1).clamp(0, 1).cpu().numpy()
+    return _Job(images, ids, list(class_names), target_idx, params, settings, Path(out_dir), grey, {i: {} for i in ids})
 
 
 def explain_images(
@@ -101,126 +134,101 @@ def explain_images(
     out_dir: str | Path,
     *,
     image_ids: Sequence[str] | None = None,
-    output: str = "sigmoid",
-    max_batch: int = 16,
-    channels_last: bool = False,
-    autocast_bf16: bool = False,
-    clip_percentile: float = 99.0,
-    alpha: float = 0.5,
-    figures: bool = True,
+    settings: ExplainSettings | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Attribution maps of ``images`` for every model x method x target; see the module docstring."""
-    if not models:
-        raise CxrlensError("no models to explain")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise CxrlensError("images must be a tensor [batch, 3, height, width]")
-    n_images = images.shape[0]
-    ids = [f"image{i}" for i in range(n_images)] if image_ids is None else [_safe(i) for i in image_ids]
-    if len(ids) != n_images or len(set(ids)) != n_images:
-        raise CxrlensError(f"image_ids must be {n_images} distinct names, got {list(image_ids or [])}")
-    target_idx = _resolve_targets(targets, class_names)
-    target_names = [class_names[t] for t in target_idx]
-    params = _method_params(methods)
-    for name, method_params in params.items():  # fail before anything is written, not half-way
-        window = get_method(name).resolve(dict(method_params)).get("window")
-        if window is not None:
-            wh, ww = _pair(window, "window")
-            if wh > images.shape[-2] or ww > images.shape[-1]:
-                raise CxrlensError(
-                    f"{name} window {wh}x{ww} is larger than the {images.shape[-2]}x{images.shape[-1]} image; "
-                    "give a smaller window"
-                )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    grey = images.detach().float().mean(1).clamp(0, 1).cpu().numpy()  # the X-ray, for overlays
-
+    job = _plan(models, images, class_names, methods, targets, out_dir, image_ids, settings or ExplainSettings())
+    job.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
-        "output": output,
-        "classes": list(class_names),
-        "targets": target_names,
-        "images": ids,
+        "output": job.settings.output,
+        "classes": job.classes,
+        "targets": job.target_names,
+        "images": job.ids,
         "image_size": list(images.shape[-2:]),
         "models": {},
     }
-    # overlays[image][model][method] = list of RGB arrays, one per target
-    overlays: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {i: {} for i in ids}
-    bar = tqdm(total=len(models) * len(params) * n_images, desc="explain", unit="map", disable=not progress)
-    for model_name, model in models.items():
-        entry: dict[str, Any] = {"methods": {}}
-        summary["models"][model_name] = entry
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                probs = torch.sigmoid(model(images).float()).cpu()
-        finally:
-            model.train(was_training)
-        entry["predictions"] = {
-            ids[b]: {name: round(float(probs[b, k]), 6) for k, name in enumerate(class_names)}
-            for b in range(n_images)
-        }
-        explainable: nn.Module | None = None
-        rewrite_error: str | None = None
-        if any(get_method(m).needs_rewrite or (m == "smoothgrad" and get_method(
-                p.get("base", "saliency")).needs_rewrite) for m, p in params.items()):
-            started = time.perf_counter()
-            try:
-                explainable = make_explainable(model, images[:1])
-            except CxrlensError as exc:
-                rewrite_error = str(exc)
-            entry["rewrite_seconds"] = round(time.perf_counter() - started, 4)
-        for method, method_params in params.items():
-            bar.set_postfix_str(f"{model_name} / {method}")
-            try:
-                spec = get_method(method)
-                needs = spec.needs_rewrite or (method == "smoothgrad" and get_method(
-                    method_params.get("base", "saliency")).needs_rewrite)
-                if needs and explainable is None:
-                    entry["methods"][method] = {"error": rewrite_error}
-                    continue
-                try:
-                    result = attribute(
-                        explainable if explainable is not None else model,
-                        images, target_idx, method=method, output=output, max_batch=max_batch,
-                        channels_last=channels_last, autocast_bf16=autocast_bf16, model_name=model_name,
-                        **method_params,
-                    )
-                except CxrlensError as exc:
-                    entry["methods"][method] = {"error": str(exc)}
-                    continue
-                record: dict[str, Any] = {
-                    "params": result.meta["params"],
-                    "signed": result.meta["signed"],
-                    "seconds": round(result.meta["seconds"], 4),
-                }
-                if "layer" in result.meta:
-                    record["layer"] = result.meta["layer"]
-                if result.delta is not None:
-                    record["delta"] = {
-                        ids[b]: {name: float(result.delta[b, i]) for i, name in enumerate(target_names)}
-                        for b in range(n_images)
-                    }
-                entry["methods"][method] = record
-                maps = result.maps.cpu().numpy()
-                for b, image_id in enumerate(ids):
-                    _save_npy(maps[b], out / "maps" / image_id / _safe(model_name) / f"{_safe(method)}.npy")
-                    if not figures:
-                        continue
-                    rgbs = [overlay(grey[b], maps[b, i], result.meta["signed"], clip_percentile, alpha)
-                            for i in range(len(target_idx))]
-                    overlays[image_id].setdefault(model_name, {})[method] = rgbs
-                    for name, rgb in zip(target_names, rgbs, strict=True):
-                        save_png(rgb, out / "overlays" / image_id / _safe(model_name)
-                                 / f"{_safe(method)}__{_safe(name)}.png")
-            finally:
-                bar.update(n_images)
-
-    bar.close()
-    if figures:
-        summary["grids"] = _write_grids(out, ids, list(models), list(params), target_names, grey, overlays)
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    total = len(models) * len(job.methods) * len(job.ids)
+    with tqdm(total=total, desc="explain", unit="map", disable=not progress) as bar:
+        for model_name, model in models.items():
+            summary["models"][model_name] = _explain_model(job, model_name, model, bar)
+    if job.settings.figures:
+        summary["grids"] = _write_grids(job.out, job.ids, list(models), list(job.methods), job.target_names,
+                                        job.grey, job.overlays)
+    atomic_write_bytes(job.out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _predictions(job: _Job, model: nn.Module) -> dict[str, dict[str, float]]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            probs = torch.sigmoid(model(job.images).float()).cpu()
+    finally:
+        model.train(was_training)
+    return {image_id: {name: round(float(probs[b, k]), 6) for k, name in enumerate(job.classes)}
+            for b, image_id in enumerate(job.ids)}
+
+
+def _explain_model(job: _Job, model_name: str, model: nn.Module, bar: tqdm) -> dict[str, Any]:
+    """Predictions and every method's record for one model (maps and overlays written on the way)."""
+    entry: dict[str, Any] = {"methods": {}, "predictions": _predictions(job, model)}
+    explainable: nn.Module | None = None
+    rewrite_error: str | None = None
+    if any(get_method(m).needs_rewrite(p) for m, p in job.methods.items()):  # one rewrite for all of them
+        started = time.perf_counter()
+        try:
+            explainable = make_explainable(model, job.images[:1])
+        except CxrlensError as exc:
+            rewrite_error = str(exc)
+        entry["rewrite_seconds"] = round(time.perf_counter() - started, 4)
+    for method, params in job.methods.items():
+        bar.set_postfix_str(f"{model_name} / {method}")
+        if get_method(method).needs_rewrite(params) and explainable is None:
+            entry["methods"][method] = {"error": rewrite_error}
+        else:
+            entry["methods"][method] = _explain_method(job, model_name, explainable or model, method, params)
+        bar.update(len(job.ids))
+    return entry
+
+
+def _explain_method(job: _Job, model_name: str, model: nn.Module, method: str,
+                    params: dict[str, Any]) -> dict[str, Any]:
+    """One method on one model: maps (and overlays) written, the summary record returned."""
+    s = job.settings
+    try:
+        result = attribute(model, job.images, job.targets, method=method, output=s.output, max_batch=s.max_batch,
+                           channels_last=s.channels_last, autocast_bf16=s.autocast_bf16, model_name=model_name,
+                           **params)
+    except CxrlensError as exc:  # e.g. a layer this model lacks: recorded, the other methods still run
+        return {"error": str(exc)}
+    _write_maps(job, model_name, method, result)
+    record: dict[str, Any] = {
+        "params": result.meta["params"],
+        "signed": result.meta["signed"],
+        "seconds": round(result.meta["seconds"], 4),
+        **{k: v for k, v in result.meta.items() if k not in _COMMON_META},
+    }
+    if result.delta is not None:
+        record["delta"] = {
+            image_id: {name: float(result.delta[b, i]) for i, name in enumerate(job.target_names)}
+            for b, image_id in enumerate(job.ids)
+        }
+    return record
+
+
+def _write_maps(job: _Job, model_name: str, method: str, result: Attribution) -> None:
+    maps, grey, s = result.maps.cpu().numpy(), job.grey, job.settings
+    for b, image_id in enumerate(job.ids):
+        _save_npy(maps[b], job.out / "maps" / image_id / _safe(model_name) / f"{_safe(method)}.npy")
+        if not s.figures:
+            continue
+        rgbs = [overlay(grey[b], maps[b, i], result.meta["signed"], s.clip_percentile, s.alpha)
+                for i in range(len(job.targets))]
+        job.overlays[image_id].setdefault(model_name, {})[method] = rgbs
+        for name, rgb in zip(job.target_names, rgbs, strict=True):
+            save_png(rgb, job.out / "overlays" / image_id / _safe(model_name) / f"{_safe(method)}__{_safe(name)}.png")
 
 
 def _write_grids(out: Path, ids: list[str], model_names: list[str], method_names: list[str],

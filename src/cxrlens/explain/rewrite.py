@@ -39,19 +39,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from cxrlens.errors import CxrlensError
+from cxrlens.models import ACTIVATION_TYPES
 
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-)
 MAXPOOL_TYPES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
     nn.MaxPool2d,

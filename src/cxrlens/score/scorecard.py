@@ -205,8 +205,7 @@ def score_model(
         )
     images = mask_set.images.to(device)
     model = run.model.to(device).eval()
-    if any(get_method(m).needs_rewrite or (method_params.get(m, {}).get("base") in ("deeplift", "guided_backprop"))
-           for m in methods):
+    if any(get_method(m).needs_rewrite(method_params.get(m)) for m in methods):
         model = make_explainable(model, images[:1])
     with torch.no_grad():
         probs = torch.sigmoid(torch.cat([model(x).float() for x in images.split(max_batch)])).cpu().numpy()

@@ -44,6 +44,7 @@ from cxrlens.serve.engine import (
     TestSplit,
     data_url,
     decode_upload,
+    describe_methods,
     display_png,
 )
 from cxrlens.serve.ratings import RatingsStore
@@ -388,7 +389,7 @@ def create_app(
         return {
             "classes": list(bank.classes),
             "models": bank.info(),
-            "methods": [{"name": m.name, "description": m.description, "signed": m.signed} for m in METHODS.values()],
+            "methods": describe_methods(min(bank.sizes)),
             "default_method": DEFAULT_METHOD,
             "max_upload_mb": max_upload_mb,
             "max_megapixels": max_pixels / 1e6,

@@ -148,17 +148,22 @@ def heatmap_rgba(attr: np.ndarray, signed: bool) -> np.ndarray:
 
 
 def web_params(method: str, size: int) -> dict[str, Any]:
-    """Method parameters that keep one explanation interactive (a few seconds on a CPU).
+    """Method parameters that keep one explanation interactive (a few seconds on a CPU): each method's
+    own interactive values (e.g. an occlusion window of an eighth of the image, 16 IG steps)."""
+    from cxrlens.explain import get_method
 
-    The study's occlusion (window 50, stride 4 at 512 px: ~13,000 passes) and 50-step IG are for
-    batch jobs; here the occlusion window is an eighth of the image and IG uses 16 steps."""
-    if method == "occlusion":
-        return {"window": max(4, size // 8), "stride": max(2, size // 16)}
-    if method == "integrated_gradients":
-        return {"n_steps": 16}
-    if method == "smoothgrad":
-        return {"n_samples": 8}
-    return {}
+    return get_method(method).interactive_params(size)
+
+
+def describe_methods(size: int) -> list[dict[str, Any]]:
+    """Every registered method for the front end's menu, with the parameters it may offer at ``size`` px."""
+    from cxrlens.explain import METHODS
+
+    return [
+        {"name": m.name, "description": m.description, "signed": m.signed(), "cost": m.cost,
+         "params": m.ui_params(size)}
+        for m in METHODS.values()
+    ]
 
 
 @dataclass
@@ -259,11 +264,11 @@ class ModelBank:
             raise RequestError(400, f"unknown class '{cls}'; the classes are: {', '.join(self.classes)}")
         return self.classes.index(cls)
 
-    def _explain_model(self, member: Member, method: str, example: torch.Tensor) -> torch.nn.Module:
+    def _explain_model(self, member: Member, method: str, params: dict[str, Any],
+                       example: torch.Tensor) -> torch.nn.Module:
         from cxrlens.explain import get_method, make_explainable
 
-        spec = get_method(method)
-        if not spec.needs_rewrite:
+        if not get_method(method).needs_rewrite(params):
             return member.run.model
         if member.explainable is None:  # rewriting costs a trace and an audit: do it once per model
             member.explainable = make_explainable(member.run.model, example)
@@ -284,8 +289,8 @@ class ModelBank:
         for m in chosen:
             size = m.run.config.image_size
             x = tensors[size][None]
-            model = self._explain_model(m, method, x)
             params = web_params(method, size)
+            model = self._explain_model(m, method, params, x)
             result = attribute(model, x, [target], method=method, model_name=m.run.config.model, max_batch=16,
                                **params)
             attr = result.maps[0, 0].detach().float().numpy()
@@ -294,8 +299,8 @@ class ModelBank:
                 "model": m.name,
                 "arch": m.run.config.model,
                 "xray": data_url(grey_png(tensors[size])),
-                "heatmap": data_url(png_bytes(heatmap_rgba(attr, bool(result.meta.get("signed", spec.signed))))),
-                "signed": bool(result.meta.get("signed", spec.signed)),
+                "heatmap": data_url(png_bytes(heatmap_rgba(attr, bool(result.meta["signed"])))),
+                "signed": bool(result.meta["signed"]),
                 "score": score,
                 "seconds": round(float(result.meta.get("seconds", 0.0)), 3),
                 "params": {k: v for k, v in result.meta.get("params", {}).items() if v is not None},

@@ -1,0 +1,53 @@
+"""How occlusion decides between the incremental and the plain sweep: explicit checks, each with its reason."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cxrlens.explain import attribute
+
+TARGETS = [0, 2]
+
+
+class FixedSize(nn.Module):
+    """A first layer that accepts one input size only (as some patch embeddings do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (64, 64):
+            raise ValueError(f"expected 64x64 inputs, got {tuple(x.shape[-2:])}")
+        return x
+
+
+def small_cnn(fixed_size: bool = False) -> nn.Module:
+    """Most of its work at full and half resolution, where cutting after the early layers pays off."""
+    torch.manual_seed(0)
+    layers = [FixedSize()] if fixed_size else []
+    layers += [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+               nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU(),
+               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers).eval()
+
+
+def test_occlusion_reports_which_sweep_it_ran_and_why() -> None:
+    net, x = small_cnn(), torch.rand(2, 3, 64, 64)
+    fast = attribute(net, x, TARGETS, method="occlusion", window=8, stride=4)
+    assert fast.meta["incremental_layer"] is not None
+    assert fast.meta["occlusion_plan"].startswith(f"incremental up to layer {fast.meta['incremental_layer']} (about")
+    full = attribute(net, x, TARGETS, method="occlusion", window=8, stride=4, incremental=False)
+    assert full.meta["incremental_layer"] is None
+    assert full.meta["occlusion_plan"] == "brute force, because incremental=False"
+    # Output drops are differences of nearly equal sigmoid outputs: a few float32 ulps of the outputs.
+    assert (fast.maps - full.maps).abs().max() <= 1e-6 * full.scores.abs().max()
+    few = attribute(net, x, TARGETS, method="occlusion", window=32, stride=16)  # 3 x 3 windows
+    assert few.meta["occlusion_plan"].startswith("brute force, because 9 windows are too few")
+
+
+def test_a_prefix_that_refuses_crops_means_the_plain_sweep() -> None:
+    net, x = small_cnn(fixed_size=True), torch.rand(1, 3, 64, 64)
+    result = attribute(net, x, TARGETS, method="occlusion", window=8, stride=4)
+    plan = result.meta["occlusion_plan"]
+    assert result.meta["incremental_layer"] is None
+    assert plan.startswith("brute force, because layer ") and "do not accept a crop (ValueError: expected 64x64" in plan
+    reference = attribute(net, x, TARGETS, method="occlusion", window=8, stride=4, incremental=False)
+    assert torch.equal(result.maps, reference.maps)  # the same full passes
