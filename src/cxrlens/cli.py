@@ -204,9 +204,10 @@ def score(
     max_images: Annotated[int | None, typer.Option(help="at most this many mask images")] = None,
 ) -> None:
     """Scorecard of models x methods (lung focus, faithfulness, sanity, robustness) and a shortcut detector."""
-    from cxrlens.score import run_scorecard
+    from cxrlens.score import ScoreConfig, run_scorecard
 
-    card = run_scorecard(run, masks, tuple(methods.split(",")), out, data=data, max_images=max_images, progress=True)
+    config = ScoreConfig(masks=masks, methods=methods.split(","), data=data, max_images=max_images, progress=True)
+    card = run_scorecard(run, out, config)
     for verdict in card.verdicts.values():
         typer.echo(verdict["summary"])
     typer.echo(f"scorecard written to {out}")

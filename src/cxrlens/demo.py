@@ -122,12 +122,11 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
 
 def scorecard(run_dirs: list[Path], out: Path) -> None:
     """Lung focus, faithfulness, sanity and the shortcut verdicts on the radiologists' lung masks."""
-    from cxrlens.score import run_scorecard
+    from cxrlens.score import ScoreConfig, run_scorecard
 
     print("\n== scorecard on data/lungmasks", flush=True)
-    card = run_scorecard(
-        run_dirs, None, ("saliency", "grad_cam"), out, max_images=12, steps=10, sanity_images=4,
-        robustness_images=4, bootstrap=500, progress=True,
-    )
+    config = ScoreConfig(methods=["saliency", "grad_cam"], max_images=12, steps=10, sanity_images=4,
+                         robustness_images=4, bootstrap=500, progress=True)
+    card = run_scorecard(run_dirs, out, config)
     for verdict in card.verdicts.values():
         print(verdict["summary"])

@@ -97,29 +97,6 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.frame)
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.masks)
-
-    def mask(self, name: str) -> torch.Tensor:
-        if name not in self.masks:
-            raise CxrlensError(f"{self.csv}: no mask '{name}'; this mask set has: {', '.join(self.masks)}")
-        return self.masks[name]
-
-    def select(self, index: np.ndarray | list[int] | torch.Tensor) -> MaskSet:
-        """The rows ``index`` (integer positions) as a new mask set."""
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return MaskSet(
-            self.folder,
-            self.csv,
-            self.size,
-            self.frame.iloc[idx.numpy()].reset_index(drop=True),
-            self.images[idx],
-            {k: v[idx] for k, v in self.masks.items()},
-            {k: v[idx] for k, v in self.present.items()},
-            self.mask_columns,
-        )
-
 
 def _mask_columns(frame: pd.DataFrame, csv: Path, wanted: list[str] | None) -> list[str]:
     if wanted is not None:
