@@ -202,7 +202,6 @@ def perturbation_curves(
     baseline: str | float | torch.Tensor = "blur",
     output: str = "sigmoid",
     max_batch: int = 64,
-    blur_sigma: float | None = None,
 ) -> torch.Tensor:
     """Model output for each image and target as its most relevant pixels are removed (``deletion``:
     replaced by the baseline) or revealed (``insertion``: the image grows out of the baseline), in
@@ -228,7 +227,7 @@ def perturbation_curves(
         raise CxrlensError(f"steps must be a positive int, got {steps!r}")
     device = _device(model, images.device)
     images = images.to(device)
-    base = make_baseline(images, baseline, blur_sigma)
+    base = make_baseline(images, baseline)
     ranks = pixel_ranks(maps.to(device))  # [B, T, N]
     n = h * w
     counts = torch.div(torch.arange(steps + 1, device=device) * n, steps, rounding_mode="floor")
@@ -270,18 +269,17 @@ def faithfulness(
     baseline: str | float | torch.Tensor = "blur",
     output: str = "sigmoid",
     max_batch: int = 64,
-    seed: int = 0,
     random_auc: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deletion and insertion AUCs [B, T], and their gaps to a random pixel order:
     ``deletion_gap`` = random - deletion AUC and ``insertion_gap`` = insertion - random AUC (both
-    positive for a faithful map). ``random_auc`` (from :func:`random_order_auc`) can be reused across
-    methods, since the random order does not depend on the map."""
+    positive for a faithful map). ``random_auc`` (from :func:`random_order_auc`, default: its seed 0)
+    can be reused across methods, since the random order does not depend on the map."""
     kwargs = dict(steps=steps, baseline=baseline, output=output, max_batch=max_batch)
     deletion = perturbation_curves(model, images, maps, targets, mode="deletion", **kwargs)
     insertion = perturbation_curves(model, images, maps, targets, mode="insertion", **kwargs)
     if random_auc is None:
-        random_auc = random_order_auc(model, images, targets, seed=seed, **kwargs)
+        random_auc = random_order_auc(model, images, targets, **kwargs)
     out = {"deletion_auc": auc(deletion), "insertion_auc": auc(insertion)}
     out["deletion_gap"] = random_auc["deletion"] - out["deletion_auc"]
     out["insertion_gap"] = out["insertion_auc"] - random_auc["insertion"]
