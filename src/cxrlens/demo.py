@@ -92,12 +92,12 @@ def run_demo(config: DemoConfig) -> dict:
 def nap_dead_shares(run_dirs: list[Path], out: Path) -> None:
     """NAPs of the test split for every model, in one pass per image size; prints dead-map shares."""
     from cxrlens.data import load_manifest
-    from cxrlens.nap import dead_share_lines, run_nap
+    from cxrlens.nap import NapConfig, dead_share_lines, run_nap
     from cxrlens.runs import load_run
 
     print("\n== Neuron Activation Profiles of the test split", flush=True)
     runs = [load_run(r) for r in run_dirs]
-    result = run_nap(runs, load_manifest(None, runs[0].taxonomy).split("test"), out, progress=False)
+    result = run_nap(runs, load_manifest(None, runs[0].taxonomy).split("test"), out, NapConfig(progress=False))
     print("\n".join(dead_share_lines(result["stats"])))
 
 
