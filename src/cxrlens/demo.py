@@ -3,12 +3,12 @@ both ensembles, and print where every output lies. Re-running skips models alrea
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cxrlens.evaluate import markdown_table
+from cxrlens.io import write_json
 from cxrlens.models import model_names
 from cxrlens.runs import TrainConfig, atomic_write_text
 
@@ -36,7 +36,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo_config.json", json.dumps(asdict(config), indent=2))
+    write_json(out / "demo_config.json", asdict(config))
     names = model_names() if config.models == "all" else config.models.split(",")
     for name in names:
         get_spec(name)  # an unknown name fails before any training

@@ -10,6 +10,7 @@ import torch
 
 from cxrlens.data import IMAGE_SUFFIXES, load_image_tensor, load_manifest
 from cxrlens.errors import CxrlensError
+from cxrlens.io import unique_names
 from cxrlens.runs import LoadedRun, load_run, predict
 
 
@@ -67,14 +68,13 @@ def explain_runs(
     ids = [f.stem for f in files]
     summary: dict = {"images": ids, "models": {}}
     sizes = sorted({r.config.image_size for r in runs})
+    names = unique_names(r.name for r in runs)  # two runs may share a folder name
     for size in sizes:  # models trained at one size are explained together, in one grid
-        group = [r for r in runs if r.config.image_size == size]
+        group = [(name, r) for name, r in zip(names, runs, strict=True) if r.config.image_size == size]
         batch = torch.stack([load_image_tensor(f, size) for f in files])
-        chosen = _targets(targets, group, batch, classes)
+        chosen = _targets(targets, [r for _, r in group], batch, classes)
         part = explain_images(
-            {r.name: r.model for r in group}
-            if len({r.name for r in group}) == len(group)
-            else {f"{r.name}-{i}": r.model for i, r in enumerate(group)},
+            {name: r.model for name, r in group},
             batch,
             classes,
             method_names,
