@@ -34,7 +34,6 @@ and it writes (every file atomically: temporary file, then rename)::
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from cxrlens.errors import CxrlensError
 from cxrlens.explain.figures import atomic_write_bytes, grid_figure, overlay, save_png
 from cxrlens.explain.methods import METHODS, _pair, attribute, get_method
 from cxrlens.explain.rewrite import make_explainable
+from cxrlens.io import write_json
 
 
 def _safe(name: str) -> str:
@@ -219,7 +219,7 @@ def explain_images(
     bar.close()
     if figures:
         summary["grids"] = _write_grids(out, ids, list(models), list(params), target_names, grey, overlays)
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    write_json(out / "summary.json", summary)  # strict JSON: NaN as null
     return summary
 
 
