@@ -21,7 +21,7 @@ import torch
 
 from cxrlens.data import XrayDataset, load_manifest
 from cxrlens.models import create_model
-from cxrlens.nap import compute_naps
+from cxrlens.nap import NapConfig, compute_naps
 from cxrlens.testing import trained_like
 
 
@@ -59,7 +59,7 @@ def main() -> None:
                 model(x)
 
     def nap(gradient: bool = False) -> None:
-        compute_naps({"resnet18": model}, batches, classes, gradient_weighted=gradient, progress=False)
+        compute_naps({"resnet18": model}, batches, classes, NapConfig(gradient_weighted=gradient, progress=False))
 
     passes = {"plain inference": plain, "NAP pass": nap}
     if args.gradient:

@@ -147,7 +147,7 @@ def test_cli_explain_with_toy_model_and_method(toy_run, tmp_path, monkeypatch, c
 
 def test_scorecard_asks_the_method_whether_to_rewrite(toy_run, tmp_path, monkeypatch) -> None:
     import cxrlens.explain
-    from cxrlens.score import run_scorecard
+    from cxrlens.score import ScoreConfig, run_scorecard
 
     rewrites: list[str] = []
     real = cxrlens.explain.make_explainable
@@ -157,9 +157,9 @@ def test_scorecard_asks_the_method_whether_to_rewrite(toy_run, tmp_path, monkeyp
         return real(model, example)
 
     monkeypatch.setattr(cxrlens.explain, "make_explainable", counted)
-    card = run_scorecard([toy_run], None, (TOY_METHOD,), tmp_path / "card",
-                         method_params={TOY_METHOD: {"guided": True}}, data=False, max_images=4, steps=4,
-                         sanity_images=1, robustness_images=1, bootstrap=20)
+    config = ScoreConfig(methods=[TOY_METHOD], method_params={TOY_METHOD: {"guided": True}}, shortcut=False,
+                         max_images=4, steps=4, sanity_images=1, robustness_images=1, bootstrap=20)
+    card = run_scorecard([toy_run], tmp_path / "card", config)
     assert rewrites == ["ToyCNN"]  # once per model, because the method said it needs the rewrite with these params
     assert set(card.table["method"]) == {TOY_METHOD} and card.table["lung_focus"].notna().all()
 

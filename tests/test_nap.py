@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cxrlens.errors import CxrlensError
-from cxrlens.nap import compute_naps, parse_group, resolve_groups, run_nap
+from cxrlens.nap import NapConfig, compute_naps, parse_group, resolve_groups, run_nap
 
 CLASSES = ("COVID-19", "Pneumonia", "Normal")
 COVID, PNEUMONIA, NORMAL = [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
@@ -71,7 +71,7 @@ def _closed_form(pattern, scales, labels, layer, weight=None):
 
 def test_closed_form_group_means_contrast_and_dead_maps():
     batches, pattern, scales, labels = _toy_batches()
-    result = compute_naps({"toy": Toy()}, batches, CLASSES, layers=["act", "pool"], progress=False)["toy"]
+    result = compute_naps({"toy": Toy()}, batches, CLASSES, NapConfig(layers=["act", "pool"], progress=False))["toy"]
     assert result.groups == ["COVID-19", "Pneumonia", "Pneumonia without COVID-19", "Healthy"]
     for layer in ("act", "pool"):
         expected, counts = _closed_form(pattern, scales, labels, layer)
@@ -92,7 +92,7 @@ def test_closed_form_group_means_contrast_and_dead_maps():
         assert np.isnan(nap.separation[2:]).all() and np.isfinite(nap.separation[:2]).all()
     # the weighted contrast centres on the size-weighted mean of the groups
     weighted = compute_naps(
-        {"toy": Toy()}, batches, CLASSES, layers=["act"], contrast_weighted=True, progress=False
+        {"toy": Toy()}, batches, CLASSES, NapConfig(layers=["act"], contrast_weighted=True, progress=False)
     )["toy"].layers["act"]
     expected, counts = _closed_form(pattern, scales, labels, "act")
     centre = np.tensordot(counts / counts.sum(), expected, axes=1)
@@ -104,7 +104,8 @@ def test_closed_form_group_means_contrast_and_dead_maps():
 def test_closed_form_gradient_weighted():
     batches, pattern, scales, labels = _toy_batches(batch_size=8)
     result = compute_naps(
-        {"toy": Toy()}, batches, CLASSES, layers=["act", "pool"], gradient_weighted="covid-19", progress=False
+        {"toy": Toy()}, batches, CLASSES,
+        NapConfig(layers=["act", "pool"], gradient_weighted="covid-19", progress=False),
     )["toy"]
     assert result.gradient_class == "COVID-19"
     weight = Toy().head.weight[0].detach().double().numpy()
@@ -130,7 +131,7 @@ class InPlace(Toy):
 def test_outputs_changed_in_place_are_copied(gradient):
     batches, pattern, scales, labels = _toy_batches()
     result = compute_naps(
-        {"m": InPlace()}, batches, CLASSES, layers=["conv"], gradient_weighted=gradient, progress=False
+        {"m": InPlace()}, batches, CLASSES, NapConfig(layers=["conv"], gradient_weighted=gradient, progress=False)
     )["m"]
     expected, _ = _closed_form(pattern, scales, labels, "act")
     if not gradient:
@@ -146,7 +147,7 @@ def test_layer_running_twice_is_refused():
     model.forward = model.twice
     batches, *_ = _toy_batches()
     with pytest.raises(CxrlensError, match="more than once"):
-        compute_naps({"m": model}, batches, CLASSES, layers=["act"], progress=False)
+        compute_naps({"m": model}, batches, CLASSES, NapConfig(layers=["act"], progress=False))
 
 
 # --- (2) streaming == direct on real images --------------------------------------------------------
@@ -214,8 +215,9 @@ def test_streaming_equals_direct_on_real_images(small_manifest, tmp_path, groups
     model = create_model("resnet18", 3).eval()
     layers = list(MODELS["resnet18"].nap_layers)
     out = run_nap(
-        {"resnet18": model}, small_manifest, tmp_path, groups=groups, batch_size=5, image_size=64,
-        gradient_weighted=gradient, progress=False, figures=groups is None,
+        {"resnet18": model}, small_manifest, tmp_path,
+        NapConfig(groups=groups, batch_size=5, image_size=64, gradient_weighted=gradient, progress=False,
+                  figures=groups is None),
     )
     result = out["results"]["resnet18"]
     assert result.images == 12
@@ -259,19 +261,22 @@ def test_run_nap_with_loaded_runs(small_manifest, tmp_path):
         TrainConfig(model="resnet18", image_size=48, out=str(run_dir)).save(run_dir)
         save_model_weights(create_model("resnet18", 3), run_dir / "best.safetensors")
     runs = [load_run(tmp_path / n / "run") for n in ("a", "b")]
-    out = run_nap(runs, small_manifest, tmp_path / "nap", layers=["layer3"], groups=["Normal", "~Normal"],
-                  progress=False, figures=False)
-    assert sorted(out["results"]) == ["run", "run_2"]
-    assert (tmp_path / "nap" / "nap_run.npz").is_file() and (tmp_path / "nap" / "nap_run_2.npz").is_file()
+    out = run_nap(runs, small_manifest, tmp_path / "nap",
+                  NapConfig(layers=["layer3"], groups=["Normal", "~Normal"], progress=False, figures=False))
+    assert sorted(out["results"]) == ["run", "run-2"]
+    assert (tmp_path / "nap" / "nap_run.npz").is_file() and (tmp_path / "nap" / "nap_run-2.npz").is_file()
     stats = out["stats"]["models"]["run"]
     assert stats["image_size"] == 48 and stats["architecture"] == "resnet18"
     assert [g["images"] for g in stats["groups"]] == [4, 8]
     assert stats["layers"]["layer3"]["shape"] == [256, 3, 3]
+    saved = json.loads((tmp_path / "nap" / "config.json").read_text())  # what re-runs it
+    assert saved["runs"] == [str(tmp_path / n / "run") for n in ("a", "b")] and saved["layers"] == ["layer3"]
+    assert saved["groups"] == ["Normal", "~Normal"] and saved["images"] == len(small_manifest)
     from cxrlens.taxonomy import PAPER14
 
     other = small_manifest.__class__(small_manifest.frame, np.zeros((12, 14), np.float32), PAPER14, tmp_path)
     with pytest.raises(CxrlensError, match="taxonomy"):
-        run_nap(runs, other, tmp_path / "x", progress=False)
+        run_nap(runs, other, tmp_path / "x", NapConfig(progress=False))
 
 
 # --- (3) memory stays flat ----------------------------------------------------------------------
@@ -306,7 +311,8 @@ def _profile_memory(model, n):
 
     tracemalloc.start()
     try:
-        result = compute_naps({"small": model}, batches(), CLASSES, layers=["0", "2"], progress=False)["small"]
+        config = NapConfig(layers=["0", "2"], progress=False)
+        result = compute_naps({"small": model}, batches(), CLASSES, config)["small"]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -337,14 +343,15 @@ def test_unknown_layer_names_the_valid_ones(small_manifest, tmp_path):
 
     model = create_model("resnet18", 3)
     with pytest.raises(CxrlensError) as err:
-        run_nap({"resnet18": model}, small_manifest, tmp_path, layers=["layer9"], image_size=64, progress=False)
+        run_nap({"resnet18": model}, small_manifest, tmp_path,
+                NapConfig(layers=["layer9"], image_size=64, progress=False))
     message = str(err.value)
     assert "'layer9'" in message and "layer4" in message and "maxpool" in message and "\n" not in message
     assert not list(tmp_path.iterdir())  # checked before any image is read or file written
     with pytest.raises(CxrlensError, match="no default NAP layers"):
-        compute_naps({"toy": Toy()}, [], CLASSES, progress=False)
+        compute_naps({"toy": Toy()}, [], CLASSES, NapConfig(progress=False))
     with pytest.raises(CxrlensError, match="top-level modules: conv, act, pool, head"):
-        compute_naps({"toy": Toy()}, [], CLASSES, layers=["relu"], progress=False)
+        compute_naps({"toy": Toy()}, [], CLASSES, NapConfig(layers=["relu"], progress=False))
 
 
 # --- (5) group expressions ------------------------------------------------------------------------

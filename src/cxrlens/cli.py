@@ -148,23 +148,20 @@ def nap(
 ) -> None:
     """Neuron Activation Profiles of one or more runs over a data set (arrays, statistics, figures)."""
     from cxrlens.data import load_manifest
-    from cxrlens.nap import dead_share_lines, run_nap
+    from cxrlens.nap import NapConfig, dead_share_lines, run_nap
     from cxrlens.runs import load_run
 
     runs = [load_run(r) for r in run]
     manifest = load_manifest(data or runs[0].config.data or None, runs[0].taxonomy).split(
         None if split == "all" else split
     )
-    group_spec = groups if groups in (None, "study", "errors") else [g for g in groups.split(";") if g.strip()]
-    result = run_nap(
-        runs,
-        manifest,
-        out,
+    config = NapConfig(
         layers=layers.split(",") if layers else None,
-        groups=group_spec,
+        groups=groups if groups in (None, "study", "errors") else [g for g in groups.split(";") if g.strip()],
         batch_size=batch_size,
         gradient_weighted=gradient_weighted or False,
     )
+    result = run_nap(runs, manifest, out, config)
     typer.echo("\n".join(dead_share_lines(result["stats"])))
     typer.echo(f"NAP arrays, nap_stats.json and figures written to {out}")
 
@@ -210,9 +207,10 @@ def score(
     max_images: Annotated[int | None, typer.Option(help="at most this many mask images")] = None,
 ) -> None:
     """Scorecard of models x methods (lung focus, faithfulness, sanity, robustness) and a shortcut detector."""
-    from cxrlens.score import run_scorecard
+    from cxrlens.score import ScoreConfig, run_scorecard
 
-    card = run_scorecard(run, masks, tuple(methods.split(",")), out, data=data, max_images=max_images, progress=True)
+    config = ScoreConfig(masks=masks, methods=methods.split(","), data=data, max_images=max_images, progress=True)
+    card = run_scorecard(run, out, config)
     for verdict in card.verdicts.values():
         typer.echo(verdict["summary"])
     typer.echo(f"scorecard written to {out}")

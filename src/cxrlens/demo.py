@@ -3,12 +3,12 @@ both ensembles, and print where every output lies. Re-running skips models alrea
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cxrlens.evaluate import markdown_table
+from cxrlens.io import write_json
 from cxrlens.models import get_spec, model_names
 from cxrlens.runs import TrainConfig, atomic_write_text
 
@@ -31,7 +31,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo_config.json", json.dumps(asdict(config), indent=2))
+    write_json(out / "demo_config.json", asdict(config))
     names = model_names() if config.models == "all" else config.models.split(",")
     for name in names:
         get_spec(name)  # an unknown name fails before any training
@@ -87,12 +87,12 @@ def run_demo(config: DemoConfig) -> dict:
 def nap_dead_shares(run_dirs: list[Path], out: Path) -> None:
     """NAPs of the test split for every model, in one pass per image size; prints dead-map shares."""
     from cxrlens.data import load_manifest
-    from cxrlens.nap import dead_share_lines, run_nap
+    from cxrlens.nap import NapConfig, dead_share_lines, run_nap
     from cxrlens.runs import load_run
 
     print("\n== Neuron Activation Profiles of the test split", flush=True)
     runs = [load_run(r) for r in run_dirs]
-    result = run_nap(runs, load_manifest(None, runs[0].taxonomy).split("test"), out, progress=False)
+    result = run_nap(runs, load_manifest(None, runs[0].taxonomy).split("test"), out, NapConfig(progress=False))
     print("\n".join(dead_share_lines(result["stats"])))
 
 
@@ -118,12 +118,11 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
 
 def scorecard(run_dirs: list[Path], out: Path) -> None:
     """Lung focus, faithfulness, sanity and the shortcut verdicts on the radiologists' lung masks."""
-    from cxrlens.score import run_scorecard
+    from cxrlens.score import ScoreConfig, run_scorecard
 
     print("\n== scorecard on data/lungmasks", flush=True)
-    card = run_scorecard(
-        run_dirs, None, ("saliency", "grad_cam"), out, max_images=12, steps=10, sanity_images=4,
-        robustness_images=4, bootstrap=500, progress=True,
-    )
+    config = ScoreConfig(methods=["saliency", "grad_cam"], max_images=12, steps=10, sanity_images=4,
+                         robustness_images=4, bootstrap=500, progress=True)
+    card = run_scorecard(run_dirs, out, config)
     for verdict in card.verdicts.values():
         print(verdict["summary"])

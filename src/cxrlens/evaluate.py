@@ -7,7 +7,6 @@ computation exactly); AUROC and ROC curves come from torchmetrics.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from cxrlens.errors import CxrlensError
+from cxrlens.io import save_figure, write_json
 from cxrlens.runs import atomic_write_text
 
 STUDY_THRESHOLD = 0.51  # the study's decision threshold on the sigmoid output
@@ -163,13 +163,11 @@ def detail_markdown(metrics: dict, title: str) -> str:
 
 
 def plot_confusion(metrics: dict, path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(metrics["classes"])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(names), 3.2))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         m = metrics["classes"][name]
         grid = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
@@ -181,16 +179,14 @@ def plot_confusion(metrics: dict, path: Path, title: str = "") -> None:
         ax.set_title(f"{name} (F1 {m['f1']:.2f})")
     fig.suptitle(title)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_roc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     for i, name in enumerate(class_names):
         if not 0 < targets[:, i].sum() < len(targets):
             continue
@@ -203,20 +199,7 @@ def plot_roc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str],
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from cxrlens.runs import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 # --- whole evaluation ----------------------------------------------------------------------------
@@ -235,7 +218,7 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(probs, targets, class_names, threshold)
     metrics["by_source"] = metrics_by_source(probs, targets, frame["source"].to_numpy(), class_names, threshold)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_json(out_dir / "metrics.json", metrics)  # strict JSON: an undefined AUROC is null
     text = detail_markdown(metrics, title)
     for source, m in metrics["by_source"].items():
         text += "\n" + detail_markdown(m, f"source: {source}").replace("# source", "## source", 1)

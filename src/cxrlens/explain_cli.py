@@ -12,6 +12,7 @@ import torch
 from cxrlens.data import IMAGE_SUFFIXES, load_image_tensor, load_manifest
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.config import ExplainConfig
+from cxrlens.io import unique_names
 from cxrlens.runs import LoadedRun, load_run, predict
 
 
@@ -51,13 +52,13 @@ def explain_runs(config: ExplainConfig, progress: bool = True) -> dict:
     ids = [f.stem for f in files]
     summary: dict = {"images": ids, "models": {}}
     sizes = sorted({r.config.image_size for r in runs})
+    names = unique_names(r.name for r in runs)  # two runs may share a folder name
     for size in sizes:  # models trained at one size are explained together, in one grid
-        group = [r for r in runs if r.config.image_size == size]
+        group = [(name, r) for name, r in zip(names, runs, strict=True) if r.config.image_size == size]
         batch = torch.stack([load_image_tensor(f, size) for f in files])
-        models = ({r.name: r.model for r in group} if len({r.name for r in group}) == len(group)
-                  else {f"{r.name}-{i}": r.model for i, r in enumerate(group)})
+        chosen = _targets(config.targets, [r for _, r in group], batch, classes)
         part = explain_images(
-            models, batch, classes, config.methods, _targets(config.targets, group, batch, classes),
+            {name: r.model for name, r in group}, batch, classes, config.methods, chosen,
             Path(config.out) if len(sizes) == 1 else Path(config.out) / f"{size}px",
             image_ids=ids, settings=config.settings, progress=progress,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import re
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlens.errors import CxrlensError
+from cxrlens.io import figure_png, unique_names
 from cxrlens.runs import TrainConfig, atomic_write_text
 
 # The study's test-set F1 scores (Chatterjee et al., arXiv 2006.02570, fold 0), as read from its code
@@ -158,15 +158,6 @@ def _read_json(path: Path) -> Any:
         raise CxrlensError(f"cannot read {path}: {exc}; re-run the command that wrote it") from None
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 # --- sections ------------------------------------------------------------------------------------
 
 
@@ -203,12 +194,10 @@ def _data_section(manifest: Any) -> str:
 
 
 def _curves_figure(histories: dict[str, pd.DataFrame]) -> bytes:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, f1_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    loss_ax, f1_ax = fig.subplots(1, 2)
     for i, (name, h) in enumerate(histories.items()):
         colour = f"C{i % 10}"
         x = h["epoch"] + 1 if "epoch" in h else np.arange(1, len(h) + 1)
@@ -226,7 +215,7 @@ def _curves_figure(histories: dict[str, pd.DataFrame]) -> bytes:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _metrics_rows(name: str, metrics: dict) -> list[list[Any]]:
@@ -432,7 +421,7 @@ def build_report(
         raise CxrlensError("give at least one run folder")
     runs = [Path(r) for r in run_dirs]
     configs = {r: TrainConfig.load(r) for r in runs}
-    names = _unique([r.name for r in runs])
+    names = unique_names(r.name for r in runs)
     first = configs[runs[0]]
     sections: list[tuple[str, str, str]] = []  # (id, heading, html)
 
@@ -535,11 +524,3 @@ def build_report(
     atomic_write_text(out, document)
     return out
 
-
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
-    return out

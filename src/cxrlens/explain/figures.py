@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # drawn off-screen,
 from matplotlib.figure import Figure
 
 from cxrlens.errors import CxrlensError
+from cxrlens.io import save_figure
 from cxrlens.runs import atomic_write_bytes
 
 
@@ -131,6 +132,4 @@ def grid_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(fig, path, dpi=dpi)

@@ -34,7 +34,6 @@ if any method needs it, and per method the maps, overlays and a summary record; 
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from cxrlens.explain.config import ExplainSettings, parse_methods
 from cxrlens.explain.figures import atomic_write_bytes, grid_figure, overlay, save_png
 from cxrlens.explain.methods import Attribution, attribute, get_method
 from cxrlens.explain.rewrite import make_explainable
+from cxrlens.io import write_json
 
 # Metadata every attribution carries; anything else a method reports (layer, occlusion plan) goes into the summary.
 _COMMON_META = {"method", "params", "output", "targets", "signed", "seconds", "channels_last", "autocast_bf16"}
@@ -155,7 +155,7 @@ def explain_images(
     if job.settings.figures:
         summary["grids"] = _write_grids(job.out, job.ids, list(models), list(job.methods), job.target_names,
                                         job.grey, job.overlays)
-    atomic_write_bytes(job.out / "summary.json", json.dumps(summary, indent=2).encode())
+    write_json(job.out / "summary.json", summary)  # strict JSON: NaN as null
     return summary
 
 

@@ -5,22 +5,30 @@
 * :mod:`~cxrlens.score.metrics` — batched metrics: lung focus / relevance mass accuracy
   (``mass_share``), ``relevance_rank_accuracy``, ``pointing_game``, deletion / insertion curves
   (``perturbation_curves``, ``faithfulness``), ``cascading_randomisation``, ``max_sensitivity``,
-  ``spearman``, ``ssim``, ``bootstrap_ci``.
+  ``spearman``, ``ssim``, ``bootstrap_ci``; and the registry of the scorecard's columns
+  (``register_metric``, ``SCORECARD_METRICS``: each metric with its facts).
 * :mod:`~cxrlens.score.shortcut` — per-source performance, a source-prediction probe on the
   penultimate features and a verdict per model written from the numbers.
-* :mod:`~cxrlens.score.scorecard` — ``run_scorecard(runs, mask_dir, methods, out_dir, ...)``, the
-  library entry that ``cxrlens score`` calls.
+* :mod:`~cxrlens.score.config` — ``ScoreConfig``, every setting of a scorecard.
+* :mod:`~cxrlens.score.scorecard` — ``run_scorecard(runs, out_dir, ScoreConfig(...))``, the library
+  entry that ``cxrlens score`` calls.
 """
 
+from cxrlens.score.config import ScoreConfig
 from cxrlens.score.masks import MaskSet, load_mask_set
 from cxrlens.score.metrics import (
+    SCORECARD_METRICS,
+    MetricInputs,
+    ScorecardMetric,
     bootstrap_ci,
     cascading_randomisation,
     faithfulness,
+    get_metric,
     mass_share,
     max_sensitivity,
     perturbation_curves,
     pointing_game,
+    register_metric,
     relevance_rank_accuracy,
     spearman,
     ssim,
@@ -29,17 +37,23 @@ from cxrlens.score.scorecard import Scorecard, run_scorecard
 from cxrlens.score.shortcut import model_verdict, source_probe
 
 __all__ = [
+    "SCORECARD_METRICS",
     "MaskSet",
+    "MetricInputs",
+    "ScoreConfig",
     "Scorecard",
+    "ScorecardMetric",
     "bootstrap_ci",
     "cascading_randomisation",
     "faithfulness",
+    "get_metric",
     "load_mask_set",
     "mass_share",
     "max_sensitivity",
     "model_verdict",
     "perturbation_curves",
     "pointing_game",
+    "register_metric",
     "relevance_rank_accuracy",
     "run_scorecard",
     "source_probe",

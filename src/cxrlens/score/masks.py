@@ -97,29 +97,6 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.frame)
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.masks)
-
-    def mask(self, name: str) -> torch.Tensor:
-        if name not in self.masks:
-            raise CxrlensError(f"{self.csv}: no mask '{name}'; this mask set has: {', '.join(self.masks)}")
-        return self.masks[name]
-
-    def select(self, index: np.ndarray | list[int] | torch.Tensor) -> MaskSet:
-        """The rows ``index`` (integer positions) as a new mask set."""
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return MaskSet(
-            self.folder,
-            self.csv,
-            self.size,
-            self.frame.iloc[idx.numpy()].reset_index(drop=True),
-            self.images[idx],
-            {k: v[idx] for k, v in self.masks.items()},
-            {k: v[idx] for k, v in self.present.items()},
-            self.mask_columns,
-        )
-
 
 def _mask_columns(frame: pd.DataFrame, csv: Path, wanted: list[str] | None) -> list[str]:
     if wanted is not None:
@@ -151,6 +128,64 @@ def _read_mask(path: Path, csv: Path, line: int, column: str) -> np.ndarray:
         ) from None
 
 
+def _read_csv(folder: Path, max_images: int | None) -> tuple[Path, pd.DataFrame]:
+    csv = folder if folder.suffix.lower() == ".csv" else folder / "masks.csv"
+    if not csv.is_file():
+        raise CxrlensError(
+            f"no masks.csv in {folder}; a mask folder holds masks.csv with an 'image' column and one column "
+            "per mask (paths relative to the folder), like data/lungmasks"
+        )
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise CxrlensError(f"cannot read {csv}: {str(exc).splitlines()[0][:160]}") from None
+    if "image" not in frame.columns:
+        raise CxrlensError(f"{csv}: no 'image' column; the columns are: {', '.join(frame.columns)}")
+    if frame.empty:
+        raise CxrlensError(f"{csv} has no rows")
+    return csv, frame.iloc[:max_images] if max_images is not None else frame
+
+
+def _read_row(csv: Path, frame: pd.DataFrame, i: int, columns: list[str], size: int,
+              preprocess: Preprocess) -> tuple[Path, torch.Tensor, tuple[int, int], dict[str, np.ndarray]]:
+    """Row ``i``: its image path, model input, original (h, w) and its masks at input size."""
+    line = i + 2  # CSV line: header is line 1
+    image_rel = str(frame["image"].iat[i]).strip()
+    if not image_rel:
+        raise CxrlensError(f"{csv}, row {line}: empty 'image'")
+    image_path = csv.parent / image_rel
+    if not image_path.is_file():
+        raise CxrlensError(f"{csv}, row {line}: image file missing: {image_path}")
+    pixels = read_image(image_path)
+    h, w = pixels.shape
+    placed = {}
+    for column in columns:
+        rel = str(frame[column].iat[i]).strip()
+        if not rel:
+            continue
+        mask_path = csv.parent / rel
+        mask = _read_mask(mask_path, csv, line, column)
+        if mask.shape != (h, w):
+            raise CxrlensError(
+                f"{csv}, row {line}, column '{column}': mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} "
+                f"but image {image_path.name} is {w}x{h}; masks must have exactly their image's size"
+            )
+        placed[column] = place_mask(mask, size)
+    return image_path, preprocess(pixels).expand(3, -1, -1), (h, w), placed
+
+
+def _derive(masks: dict[str, torch.Tensor], present: dict[str, torch.Tensor], region: torch.Tensor,
+            margin_px: float) -> None:
+    """Add the derived masks (see the module docstring), present wherever ``lungs`` is."""
+    body = masks["lungs"] | masks["heart"] if "heart" in masks else masks["lungs"]
+    body = dilate(body, margin_px) & region
+    masks["outside_body"] = ~body
+    masks["image_region"] = region
+    masks["padding"] = ~region
+    for name in DERIVED_MASKS:
+        present[name] = present["lungs"].clone()
+
+
 def load_mask_set(
     folder: str | Path,
     size: int = 224,
@@ -166,26 +201,10 @@ def load_mask_set(
     Errors name the CSV, the row (CSV line number) and the file.
     """
     folder = Path(folder)
-    csv = folder if folder.suffix.lower() == ".csv" else folder / "masks.csv"
-    if not csv.is_file():
-        raise CxrlensError(
-            f"no masks.csv in {folder}; a mask folder holds masks.csv with an 'image' column and one column "
-            "per mask (paths relative to the folder), like data/lungmasks"
-        )
-    try:
-        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise CxrlensError(f"cannot read {csv}: {str(exc).splitlines()[0][:160]}") from None
-    if "image" not in frame.columns:
-        raise CxrlensError(f"{csv}: no 'image' column; the columns are: {', '.join(frame.columns)}")
-    if frame.empty:
-        raise CxrlensError(f"{csv} has no rows")
-    if max_images is not None:
-        frame = frame.iloc[:max_images]
+    csv, frame = _read_csv(folder, max_images)
     columns = _mask_columns(frame, csv, mask_columns)
     if not columns:
         raise CxrlensError(f"{csv}: no mask columns found (e.g. 'lungs' with PNG paths); pass mask_columns")
-    root = csv.parent
     preprocess = Preprocess(size)
     n = len(frame)
     images = torch.empty(n, 3, size, size)
@@ -193,41 +212,16 @@ def load_mask_set(
     present = {c: torch.zeros(n, dtype=torch.bool) for c in columns}
     region = torch.zeros(n, size, size, dtype=torch.bool)
     paths = []
-    for i, row in enumerate(frame.itertuples(index=False)):
-        line = i + 2  # CSV line: header is line 1
-        image_rel = str(row.image).strip()
-        if not image_rel:
-            raise CxrlensError(f"{csv}, row {line}: empty 'image'")
-        image_path = root / image_rel
-        if not image_path.is_file():
-            raise CxrlensError(f"{csv}, row {line}: image file missing: {image_path}")
-        pixels = read_image(image_path)
-        images[i] = preprocess(pixels).expand(3, -1, -1)
+    for i in range(n):
+        image_path, images[i], (h, w), placed = _read_row(csv, frame, i, columns, size, preprocess)
         paths.append(str(image_path.resolve()))
-        h, w = pixels.shape
         new_h, new_w, top, left = input_geometry(h, w, size)
         region[i, top : top + new_h, left : left + new_w] = True
-        for column in columns:
-            rel = str(frame[column].iat[i]).strip()  # not getattr(row): itertuples renames keyword columns
-            if not rel:
-                continue
-            mask_path = root / rel
-            mask = _read_mask(mask_path, csv, line, column)
-            if mask.shape != (h, w):
-                raise CxrlensError(
-                    f"{csv}, row {line}, column '{column}': mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} "
-                    f"but image {image_path.name} is {w}x{h}; masks must have exactly their image's size"
-                )
-            masks[column][i] = torch.from_numpy(place_mask(mask, size))
+        for column, mask in placed.items():
+            masks[column][i] = torch.from_numpy(mask)
             present[column][i] = True
     if "lungs" in masks:
-        body = masks["lungs"] | masks["heart"] if "heart" in masks else masks["lungs"]
-        body = dilate(body, body_margin * size) & region
-        masks["outside_body"] = ~body
-        masks["image_region"] = region
-        masks["padding"] = ~region
-        for name in DERIVED_MASKS:
-            present[name] = present["lungs"].clone()
+        _derive(masks, present, region, body_margin * size)
     frame = frame.reset_index(drop=True).copy()
     frame["path"] = paths
     return MaskSet(folder, csv, size, frame, images, masks, present, tuple(columns))

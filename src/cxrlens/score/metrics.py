@@ -19,26 +19,38 @@ Localisation (against radiologists' masks):
 Faithfulness: :func:`perturbation_curves` (deletion / insertion, Petsiuk et al. 2018), :func:`auc`,
 :func:`faithfulness` (AUCs and their gaps to a random pixel order). Sanity:
 :func:`cascading_randomisation` (Adebayo et al. 2018), with :func:`spearman` and :func:`ssim` between
-maps. Robustness: :func:`max_sensitivity` (Yeh et al. 2019).
+maps. Robustness: :func:`max_sensitivity` (Yeh et al. 2019). Statistics: :func:`bootstrap_ci`.
+
+The scorecard's columns are a registry, :data:`SCORECARD_METRICS`: each is a function of
+:class:`MetricInputs` registered with :func:`register_metric` beside its facts (higher is better,
+needs the model or only the maps, how it reads the map's sign). A new column is one registered
+function; the scorecard iterates the registry.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
 from cxrlens.errors import CxrlensError
 from cxrlens.score.masks import dilate
 
+if TYPE_CHECKING:
+    from cxrlens.score.config import ScoreConfig
+
 #: (model, images [B, C, H, W]) -> attribution maps [B, T, H, W]
 Explainer = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+SANITY_THRESHOLD = 0.5  # a method fails the randomisation check at a mean Spearman >= this
 
 
 # --- localisation --------------------------------------------------------------------------------
@@ -95,35 +107,17 @@ def pointing_game(maps: torch.Tensor, mask: torch.Tensor, tolerance: float = 0.0
 # --- similarity between maps ---------------------------------------------------------------------
 
 
-def rankdata(x: torch.Tensor) -> torch.Tensor:
-    """Ranks (1-based) along the last axis, ties given their average rank (as ``scipy.stats.rankdata``)."""
-    values, order = x.sort(dim=-1, stable=True)
-    n = x.shape[-1]
-    pos = torch.arange(n, device=x.device).expand_as(values)
-    starts = torch.ones_like(values, dtype=torch.bool)
-    starts[..., 1:] = values[..., 1:] != values[..., :-1]
-    ends = torch.ones_like(starts)
-    ends[..., :-1] = starts[..., 1:]
-    first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), -1).values
-    last = torch.cummin(torch.where(ends, pos, torch.full_like(pos, n)).flip(-1), -1).values.flip(-1)
-    sorted_ranks = (first + last).double() / 2 + 1
-    return torch.empty_like(sorted_ranks).scatter_(-1, order, sorted_ranks)
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation along the last axis (NaN where either side is constant)."""
-    a, b = a.double(), b.double()
-    a = a - a.mean(-1, keepdim=True)
-    b = b - b.mean(-1, keepdim=True)
-    denom = a.norm(dim=-1) * b.norm(dim=-1)
-    return ((a * b).sum(-1) / denom.where(denom > 0, torch.ones_like(denom))).masked_fill(denom == 0, float("nan"))
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of 2-D maps [..., H, W], pairwise over the leading axes."""
+    """Spearman rank correlation of 2-D maps [..., H, W], pairwise over the leading axes
+    (``scipy.stats.spearmanr`` per pair; NaN where either map is constant)."""
     if a.shape != b.shape:
         raise CxrlensError(f"cannot compare maps of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    return pearson(rankdata(a.flatten(-2).double()), rankdata(b.flatten(-2).double()))
+    x = a.detach().flatten(-2).reshape(-1, a.shape[-2] * a.shape[-1]).double().cpu().numpy()
+    y = b.detach().flatten(-2).reshape(-1, b.shape[-2] * b.shape[-1]).double().cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # a constant map has no ranking: NaN
+        rho = [stats.spearmanr(u, v).statistic for u, v in zip(x, y, strict=True)]
+    return torch.tensor(rho, dtype=torch.float64).reshape(a.shape[:-2])
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, win_size: int = 7, data_range: torch.Tensor | float | None = None,
@@ -208,7 +202,6 @@ def perturbation_curves(
     baseline: str | float | torch.Tensor = "blur",
     output: str = "sigmoid",
     max_batch: int = 64,
-    blur_sigma: float | None = None,
 ) -> torch.Tensor:
     """Model output for each image and target as its most relevant pixels are removed (``deletion``:
     replaced by the baseline) or revealed (``insertion``: the image grows out of the baseline), in
@@ -234,7 +227,7 @@ def perturbation_curves(
         raise CxrlensError(f"steps must be a positive int, got {steps!r}")
     device = _device(model, images.device)
     images = images.to(device)
-    base = make_baseline(images, baseline, blur_sigma)
+    base = make_baseline(images, baseline)
     ranks = pixel_ranks(maps.to(device))  # [B, T, N]
     n = h * w
     counts = torch.div(torch.arange(steps + 1, device=device) * n, steps, rounding_mode="floor")
@@ -276,18 +269,17 @@ def faithfulness(
     baseline: str | float | torch.Tensor = "blur",
     output: str = "sigmoid",
     max_batch: int = 64,
-    seed: int = 0,
     random_auc: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deletion and insertion AUCs [B, T], and their gaps to a random pixel order:
     ``deletion_gap`` = random - deletion AUC and ``insertion_gap`` = insertion - random AUC (both
-    positive for a faithful map). ``random_auc`` (from :func:`random_order_auc`) can be reused across
-    methods, since the random order does not depend on the map."""
+    positive for a faithful map). ``random_auc`` (from :func:`random_order_auc`, default: its seed 0)
+    can be reused across methods, since the random order does not depend on the map."""
     kwargs = dict(steps=steps, baseline=baseline, output=output, max_batch=max_batch)
     deletion = perturbation_curves(model, images, maps, targets, mode="deletion", **kwargs)
     insertion = perturbation_curves(model, images, maps, targets, mode="insertion", **kwargs)
     if random_auc is None:
-        random_auc = random_order_auc(model, images, targets, seed=seed, **kwargs)
+        random_auc = random_order_auc(model, images, targets, **kwargs)
     out = {"deletion_auc": auc(deletion), "insertion_auc": auc(insertion)}
     out["deletion_gap"] = random_auc["deletion"] - out["deletion_auc"]
     out["insertion_gap"] = out["insertion_auc"] - random_auc["insertion"]
@@ -331,9 +323,22 @@ class RandomisationResult:
         """Similarities [B, T] to the fully randomised model."""
         return {"spearman": self.spearman[-1], "ssim": self.ssim[-1]}
 
-    def passes(self, threshold: float = 0.5) -> bool:
-        """The method passes when its maps change: mean Spearman to the fully randomised model < threshold."""
-        return bool(torch.nanmean(self.spearman[-1]).item() < threshold)
+    def curve(self, similarity: str = "spearman", pick: np.ndarray | None = None) -> list[float]:
+        """Mean similarity per checkpoint over the finite (image, target) entries ``pick`` [B, T] selects
+        (default all); NaN where none is left."""
+        values = self.spearman if similarity == "spearman" else self.ssim
+        return [_picked_mean(step, pick) for step in values]
+
+    def passes(self, threshold: float = SANITY_THRESHOLD, pick: np.ndarray | None = None) -> bool:
+        """The method passes when its maps change: the mean Spearman correlation of its maps to the
+        fully randomised model's (over ``pick``) is below ``threshold``."""
+        return bool(self.curve("spearman", pick)[-1] < threshold)
+
+
+def _picked_mean(values: torch.Tensor, pick: np.ndarray | None) -> float:
+    """Mean of the picked, finite entries; NaN (without a warning) when there are none."""
+    chosen = values.numpy() if pick is None else np.where(pick, values.numpy(), np.nan)
+    return float(np.nanmean(chosen)) if np.isfinite(chosen).any() else float("nan")
 
 
 def _normalise_abs(maps: torch.Tensor) -> torch.Tensor:
@@ -423,15 +428,231 @@ def max_sensitivity(
 
 def bootstrap_ci(values: np.ndarray | Sequence[float], n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float, float, int]:
-    """(mean, low, high, n) of the finite values: percentile bootstrap of the mean over images."""
+    """(mean, low, high, n) of the finite values: percentile bootstrap of the mean over images
+    (``scipy.stats.bootstrap``)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan"), 0
     if len(v) == 1 or n_boot < 1:
         return float(v.mean()), float(v.mean()), float(v.mean()), len(v)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(v.mean()), float(low), float(high), len(v)
+    result = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                             rng=np.random.default_rng(seed), vectorized=True)
+    interval = result.confidence_interval
+    return float(v.mean()), float(interval.low), float(interval.high), len(v)
+
+
+# --- the scorecard's metrics: a registry -----------------------------------------------------------
+
+
+@dataclass
+class MetricInputs:
+    """What a scorecard metric may read, for one model x attribution method over a mask set.
+
+    ``masks`` holds the mask set's bool [B, H, W] masks by name (see :mod:`cxrlens.score.masks`;
+    ``lungs``, ``opacity``, ``devices`` and ``outside_body`` always, all False where the
+    radiologists drew none); ``subsets`` the image indices the costly metrics
+    run on (``sanity``, ``robustness``). Work that several metrics share (the deletion / insertion
+    curves, the randomised copies) is done once through :meth:`once`."""
+
+    model: nn.Module
+    explain: Explainer
+    images: torch.Tensor  # [B, C, H, W] on the model's device
+    maps: torch.Tensor  # [B, T, H, W]: the method's maps of ``images``
+    targets: list[int]  # class index of each of the T maps
+    masks: dict[str, torch.Tensor]
+    subsets: dict[str, np.ndarray]
+    config: ScoreConfig
+    shared: dict[str, Any] = field(default_factory=dict)  # results of this model x method
+    model_shared: dict[str, Any] = field(default_factory=dict)  # results of this model, for every method
+
+    def once(self, key: str, compute: Callable[[], Any], per_model: bool = False) -> Any:
+        """``compute()``, run once per method (or once per model) however many metrics ask for it."""
+        store = self.model_shared if per_model else self.shared
+        if key not in store:
+            store[key] = compute()
+        return store[key]
+
+    def on_subset(self, subset: str, values: torch.Tensor | None) -> np.ndarray:
+        """[B, T] float64 holding ``values`` (one row per image of ``subsets[subset]``), NaN elsewhere."""
+        full = np.full(self.maps.shape[:2], np.nan)
+        if values is not None:
+            full[self.subsets[subset]] = values.detach().cpu().numpy()
+        return full
+
+
+MAP_SIGNS = ("positive", "order", "absolute", "value")
+
+
+@dataclass(frozen=True)
+class ScorecardMetric:
+    """A scorecard column and the facts the scorecard needs about it (as torchmetrics declares
+    ``higher_is_better`` on the metric).
+
+    needs_model: False when computed from the maps and masks alone; True when it runs the model or
+    the explainer again (costly). map_sign: how it reads a map's sign: ``positive`` (only positive
+    attribution counts), ``order`` (signed values ranked: negative is least relevant),
+    ``absolute`` (magnitude only), ``value`` (the signed values themselves)."""
+
+    name: str
+    compute: Callable[[MetricInputs], torch.Tensor | np.ndarray]  # -> [B, T], NaN where undefined
+    higher_is_better: bool
+    needs_model: bool
+    map_sign: str
+    description: str = ""
+
+    def __call__(self, inputs: MetricInputs) -> np.ndarray:
+        values = self.compute(inputs)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != tuple(inputs.maps.shape[:2]):
+            raise CxrlensError(
+                f"scorecard metric '{self.name}' returned shape {values.shape}, not [images, targets] "
+                f"{tuple(inputs.maps.shape[:2])}"
+            )
+        return values
+
+
+#: name -> metric, in the order of the scorecard's columns
+SCORECARD_METRICS: dict[str, ScorecardMetric] = {}
+
+
+def register_metric(name: str, *, higher_is_better: bool, needs_model: bool, map_sign: str,
+                    replace: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn(inputs: MetricInputs) -> [B, T]`` as the scorecard column ``name``.
+    Its docstring's first line is the description. Registering from outside the package works
+    the same way; the scorecard, its table, plots, rankings and JSON pick the metric up."""
+    if map_sign not in MAP_SIGNS:
+        raise CxrlensError(f"map_sign must be one of {', '.join(MAP_SIGNS)}, not {map_sign!r}")
+
+    def decorate(fn: Callable[[MetricInputs], torch.Tensor | np.ndarray]) -> Callable:
+        if name in SCORECARD_METRICS and not replace:
+            raise CxrlensError(f"a scorecard metric '{name}' is already registered; pass replace=True")
+        description = (fn.__doc__ or "").strip().split("\n")[0]
+        SCORECARD_METRICS[name] = ScorecardMetric(name, fn, higher_is_better, needs_model, map_sign, description)
+        return fn
+
+    return decorate
+
+
+def get_metric(name: str) -> ScorecardMetric:
+    if name not in SCORECARD_METRICS:
+        raise CxrlensError(f"unknown scorecard metric '{name}'; choose from: {', '.join(SCORECARD_METRICS)}")
+    return SCORECARD_METRICS[name]
+
+
+@register_metric("lung_focus", higher_is_better=True, needs_model=False, map_sign="positive")
+def _lung_focus(x: MetricInputs) -> torch.Tensor:
+    """Share of the positive attribution inside the lungs."""
+    return mass_share(x.maps, x.masks["lungs"])
+
+
+@register_metric("relevance_mass_accuracy", higher_is_better=True, needs_model=False, map_sign="positive")
+def _relevance_mass_accuracy(x: MetricInputs) -> torch.Tensor:
+    """Share of the positive attribution inside the opacity mask (Arras et al. 2022)."""
+    return mass_share(x.maps, x.masks["opacity"])
+
+
+@register_metric("relevance_rank_accuracy", higher_is_better=True, needs_model=False, map_sign="order")
+def _relevance_rank_accuracy(x: MetricInputs) -> torch.Tensor:
+    """Share of the K highest-ranked pixels inside the opacity mask, K = its size (Arras et al. 2022)."""
+    return relevance_rank_accuracy(x.maps, x.masks["opacity"])
+
+
+@register_metric("pointing_game", higher_is_better=True, needs_model=False, map_sign="order")
+def _pointing_game(x: MetricInputs) -> torch.Tensor:
+    """1 when the map's maximum lies in the opacity mask grown by the tolerance (Zhang et al. 2018)."""
+    return pointing_game(x.maps, x.masks["opacity"], x.config.pointing_tolerance)
+
+
+@register_metric("device_share", higher_is_better=False, needs_model=False, map_sign="positive")
+def _device_share(x: MetricInputs) -> torch.Tensor:
+    """Share of the positive attribution on devices (tubes, lines, electrodes)."""
+    return mass_share(x.maps, x.masks["devices"])
+
+
+@register_metric("outside_body_share", higher_is_better=False, needs_model=False, map_sign="positive")
+def _outside_body_share(x: MetricInputs) -> torch.Tensor:
+    """Share of the positive attribution outside the thorax."""
+    return mass_share(x.maps, x.masks["outside_body"])
+
+
+def deletion_insertion(x: MetricInputs) -> dict[str, torch.Tensor]:
+    """:func:`faithfulness` of the inputs' maps, run once per method; the random-order reference once per model."""
+
+    def reference() -> dict[str, torch.Tensor]:
+        return random_order_auc(x.model, x.images, x.targets, seed=x.config.seed, steps=x.config.steps,
+                                baseline=x.config.baseline, max_batch=x.config.max_batch * 4)
+
+    return x.once("faithfulness", lambda: faithfulness(
+        x.model, x.images, x.maps, x.targets, steps=x.config.steps, baseline=x.config.baseline,
+        max_batch=x.config.max_batch * 4, random_auc=x.once("random_order_auc", reference, per_model=True),
+    ))
+
+
+@register_metric("deletion_auc", higher_is_better=False, needs_model=True, map_sign="order")
+def _deletion_auc(x: MetricInputs) -> torch.Tensor:
+    """Area under the model output as the most relevant pixels are blurred away (Petsiuk et al. 2018)."""
+    return deletion_insertion(x)["deletion_auc"]
+
+
+@register_metric("insertion_auc", higher_is_better=True, needs_model=True, map_sign="order")
+def _insertion_auc(x: MetricInputs) -> torch.Tensor:
+    """Area under the model output as the most relevant pixels are revealed on a blurred image."""
+    return deletion_insertion(x)["insertion_auc"]
+
+
+@register_metric("deletion_gap", higher_is_better=True, needs_model=True, map_sign="order")
+def _deletion_gap(x: MetricInputs) -> torch.Tensor:
+    """Deletion AUC of a random pixel order minus the map's."""
+    return deletion_insertion(x)["deletion_gap"]
+
+
+@register_metric("insertion_gap", higher_is_better=True, needs_model=True, map_sign="order")
+def _insertion_gap(x: MetricInputs) -> torch.Tensor:
+    """Insertion AUC of the map minus a random pixel order's."""
+    return deletion_insertion(x)["insertion_gap"]
+
+
+@register_metric("faithfulness", higher_is_better=True, needs_model=True, map_sign="order")
+def _faithfulness(x: MetricInputs) -> torch.Tensor:
+    """Deletion gap + insertion gap: how much better than a random order the map orders the pixels."""
+    result = deletion_insertion(x)
+    return result["deletion_gap"] + result["insertion_gap"]
+
+
+def randomisation(x: MetricInputs) -> RandomisationResult | None:
+    """:func:`cascading_randomisation` on the ``sanity`` images, run once per method (None without images)."""
+    index = x.subsets["sanity"]
+    if not len(index):
+        return None
+    return x.once("randomisation", lambda: cascading_randomisation(
+        x.model, x.explain, x.images[index], steps=x.config.sanity_steps, seed=x.config.seed + 42,
+    ))
+
+
+@register_metric("sanity_spearman", higher_is_better=False, needs_model=True, map_sign="absolute")
+def _sanity_spearman(x: MetricInputs) -> np.ndarray:
+    """Spearman correlation of the maps of the trained and the fully randomised model (Adebayo et al. 2018)."""
+    result = randomisation(x)
+    return x.on_subset("sanity", result.final()["spearman"] if result else None)
+
+
+@register_metric("sanity_ssim", higher_is_better=False, needs_model=True, map_sign="absolute")
+def _sanity_ssim(x: MetricInputs) -> np.ndarray:
+    """SSIM of the maps of the trained and the fully randomised model."""
+    result = randomisation(x)
+    return x.on_subset("sanity", result.final()["ssim"] if result else None)
+
+
+@register_metric("max_sensitivity", higher_is_better=False, needs_model=True, map_sign="value")
+def _max_sensitivity(x: MetricInputs) -> np.ndarray:
+    """Largest relative change of the map under small uniform noise (Yeh et al. 2019)."""
+    index = x.subsets["robustness"]
+    if not len(index):
+        return x.on_subset("robustness", None)
+    return x.on_subset("robustness", max_sensitivity(
+        x.model, x.explain, x.images[index], n_samples=x.config.robustness_samples, radius=x.config.noise,
+        seed=x.config.seed, original=x.maps[index],
+    ))

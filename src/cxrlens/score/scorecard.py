@@ -13,25 +13,26 @@ check, and runs the shortcut detector on a classification split (default: the ru
 * ``worst_offenders.png``: per model the image/method/class pairs with the least evidence in the lungs;
 * ``verdicts.json``: per model a plain-language verdict built from the numbers, with its flags;
 * ``shortcut.json``: performance per source and the source-prediction probe, per model;
-* ``scorecard.json``: the table, rankings, randomisation curves and the settings used.
+* ``scorecard.json``: the table, rankings, randomisation curves, the metrics' facts and the settings;
+* ``config.json``: the :class:`~cxrlens.score.config.ScoreConfig` used, with the runs scored.
 
-Metrics (see :mod:`cxrlens.score.metrics`): ``lung_focus`` (positive attribution share inside the
-lungs), ``relevance_mass_accuracy`` / ``relevance_rank_accuracy`` / ``pointing_game`` (against the
-opacity mask), ``device_share`` and ``outside_body_share``, ``deletion_auc``, ``insertion_auc``, the
-gaps to a random order and their sum ``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the
-trained vs the fully randomised model; low is good) and ``max_sensitivity``.
+The columns are the registered metrics, :data:`cxrlens.score.metrics.SCORECARD_METRICS`, in
+registration order (a metric registered with ``register_metric`` from anywhere is a new column):
+``lung_focus`` (positive attribution share inside the lungs), ``relevance_mass_accuracy`` /
+``relevance_rank_accuracy`` / ``pointing_game`` (against the opacity mask), ``device_share`` and
+``outside_body_share``, ``deletion_auc``, ``insertion_auc``, the gaps to a random order and their sum
+``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the trained vs the fully randomised
+model; low is good) and ``max_sensitivity``.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,38 +40,22 @@ import torch
 from torch import nn
 
 from cxrlens.errors import CxrlensError
-from cxrlens.runs import LoadedRun, atomic_write_bytes, atomic_write_text, load_run
+from cxrlens.io import save_figure, unique_names, write_json
+from cxrlens.runs import LoadedRun, atomic_write_text, load_run
 from cxrlens.score import metrics as M
 from cxrlens.score import shortcut as S
+from cxrlens.score.config import DEFAULT_MASKS, DEFAULT_METHODS, ScoreConfig
 from cxrlens.score.masks import MaskSet, load_mask_set
 
-DEFAULT_MASKS = Path(__file__).resolve().parents[3] / "data" / "lungmasks"
-DEFAULT_METHODS = ("saliency", "integrated_gradients", "grad_cam")
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-# metric -> True when higher is better (for the heat map and the rankings)
-METRICS: dict[str, bool] = {
-    "lung_focus": True,
-    "relevance_mass_accuracy": True,
-    "relevance_rank_accuracy": True,
-    "pointing_game": True,
-    "device_share": False,
-    "outside_body_share": False,
-    "deletion_auc": False,
-    "insertion_auc": True,
-    "deletion_gap": True,
-    "insertion_gap": True,
-    "faithfulness": True,
-    "sanity_spearman": False,
-    "sanity_ssim": False,
-    "max_sensitivity": False,
-}
-REFERENCE_COLUMNS = ("lung_area", "opacity_area", "device_area", "outside_body_area")
+__all__ = ["DEFAULT_MASKS", "DEFAULT_METHODS", "REFERENCE_COLUMNS", "ScoreConfig", "Scorecard", "rank_models",
+           "run_scorecard", "score_model", "summarise"]
 
-
-def _picked_mean(values: torch.Tensor, pick: np.ndarray) -> float:
-    """Mean of the picked, finite entries; NaN (without a warning) when there are none."""
-    chosen = np.where(pick, values.numpy(), np.nan)
-    return float(np.nanmean(chosen)) if np.isfinite(chosen).any() else float("nan")
+SCORING_MASKS = ("lungs", "opacity", "devices", "outside_body")  # always in MetricInputs.masks
+AREAS = {"lung_area": "lungs", "opacity_area": "opacity", "device_area": "devices", "outside_body_area": "outside_body"}
+REFERENCE_COLUMNS = tuple(AREAS)  # each image's mask areas, beside the metrics (what a random map would score)
 
 
 @dataclass
@@ -84,6 +69,7 @@ class Scorecard:
     shortcut: dict[str, dict]
     sanity: dict[str, dict]
     files: dict[str, str] = field(default_factory=dict)
+    config: ScoreConfig | None = None
 
 
 def _labels(mask_set: MaskSet, taxonomy: Any) -> np.ndarray:
@@ -120,26 +106,16 @@ def _subset(candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(candidates, size=min(k, len(candidates)), replace=False))
 
 
-def _unique_names(runs: list[LoadedRun]) -> list[str]:
-    names, seen = [], {}
-    for run in runs:
-        name = run.name
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
-    return names
-
-
-def _shortcut_data(run: LoadedRun, data: Any, split: str | None, max_images: int | None, device: torch.device,
-                   seed: int) -> dict:
+def _shortcut_data(run: LoadedRun, config: ScoreConfig, device: torch.device) -> dict:
     """Per-source performance and the source probe on a classification split."""
     from cxrlens.data import XrayDataset, load_manifest
     from cxrlens.evaluate import STUDY_THRESHOLD
 
-    source = (run.config.data or None) if data is None else data
+    source = (run.config.data or None) if config.data is None else config.data
     manifest = load_manifest(source, run.taxonomy)
-    if split is not None and manifest.has_split:
-        manifest = manifest.split(split)
-    manifest = manifest.head(max_images, seed)
+    if config.split is not None and manifest.has_split:
+        manifest = manifest.split(config.split)
+    manifest = manifest.head(config.probe_images, config.seed)
     dataset = XrayDataset(manifest, run.config.image_size, cache=False)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     features, logits = S.penultimate_features(run.model, images.to(device))
@@ -150,10 +126,10 @@ def _shortcut_data(run: LoadedRun, data: Any, split: str | None, max_images: int
     performance = S.source_performance(probs, manifest.targets, frame["source"].to_numpy(), classes, threshold)
     labels = ["+".join(c for c, v in zip(classes, t, strict=True) if v > 0.5) for t in manifest.targets]
     probe = S.source_probe(features, frame["source"].to_numpy(), frame["patient_group"].to_numpy(), labels,
-                           seed=seed)
+                           seed=config.seed)
     return {
         "data": str(manifest.origin),
-        "split": split,
+        "split": config.split,
         "n_images": len(manifest),
         "threshold": threshold,
         "performance": performance,
@@ -161,35 +137,30 @@ def _shortcut_data(run: LoadedRun, data: Any, split: str | None, max_images: int
     }
 
 
-def score_model(
-    run: LoadedRun,
-    name: str,
-    mask_set: MaskSet,
-    methods: Sequence[str],
-    *,
-    method_params: dict[str, dict],
-    targets: str,
-    steps: int,
-    baseline: str | float,
-    pointing_tolerance: float,
-    sanity_images: int,
-    sanity_steps: int | None,
-    sanity_threshold: float,
-    robustness_images: int,
-    robustness_samples: int,
-    noise: float,
-    seed: int,
-    device: torch.device,
-    max_batch: int,
-    gallery_size: int,
-    progress: bool = False,
-) -> tuple[pd.DataFrame, dict, list[dict]]:
-    """Per-image metric rows of one model for every method, its randomisation results, and the
-    candidates for the worst-offender gallery (with their maps)."""
-    from cxrlens.explain import get_method, make_explainable
+# --- one model: a pipeline of short stages -------------------------------------------------------
 
-    classes = list(run.taxonomy.classes)
-    labels = _labels(mask_set, run.taxonomy)
+
+@dataclass
+class _ModelSetup:
+    """What every attribution method of one model shares."""
+
+    name: str
+    classes: list[str]
+    target_idx: list[int]  # explained classes
+    chosen: np.ndarray  # [B, T] bool: the (image, class) pairs scored
+    model: nn.Module
+    images: torch.Tensor
+    probs: np.ndarray  # [B, classes]
+    masks: dict[str, torch.Tensor]
+    areas: dict[str, np.ndarray]
+    subsets: dict[str, np.ndarray]
+    frame: pd.DataFrame  # the mask set's rows
+
+
+def _choose_targets(mask_set: MaskSet, taxonomy: Any, targets: str) -> tuple[list[int], np.ndarray]:
+    """Explained classes and the [B, T] (image, class) pairs scored: labelled ones, or all."""
+    classes = list(taxonomy.classes)
+    labels = _labels(mask_set, taxonomy)
     if targets == "true":
         target_idx = [c for c in range(len(classes)) if labels[:, c].any()]
         chosen = labels[:, target_idx] > 0.5
@@ -200,106 +171,124 @@ def score_model(
         raise CxrlensError(f"targets must be 'true' or 'all', not {targets!r}")
     if not target_idx:
         raise CxrlensError(
-            f"{mask_set.csv}: no image has a label of taxonomy '{run.taxonomy.name}' "
+            f"{mask_set.csv}: no image has a label of taxonomy '{taxonomy.name}' "
             f"({', '.join(classes)}); fill the 'finding' or 'cls' column, or use targets='all'"
         )
-    images = mask_set.images.to(device)
-    model = run.model.to(device).eval()
+    return target_idx, chosen
+
+
+def _explainable_model(model: nn.Module, methods: Sequence[str], method_params: dict[str, dict],
+                       images: torch.Tensor) -> nn.Module:
+    """The model, rewritten into its explainable form when a method needs backward rules."""
+    from cxrlens.explain import get_method, make_explainable
+
     if any(get_method(m).needs_rewrite(method_params.get(m)) for m in methods):
         model = make_explainable(model, images[:1])
-    with torch.no_grad():
-        probs = torch.sigmoid(torch.cat([model(x).float() for x in images.split(max_batch)])).cpu().numpy()
-    masks = mask_set.masks
-    lungs = masks["lungs"]
-    opacity = masks.get("opacity", torch.zeros_like(lungs))
-    devices = masks.get("devices", torch.zeros_like(lungs))
-    outside = masks["outside_body"]
-    areas = {
-        "lung_area": M.mask_share(lungs).numpy(),
-        "opacity_area": M.mask_share(opacity).numpy(),
-        "device_area": M.mask_share(devices).numpy(),
-        "outside_body_area": M.mask_share(outside).numpy(),
-    }
+    return model
+
+
+def _scoring_masks(mask_set: MaskSet) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """The masks metrics may score against (every mask of the set; the built-in metrics' masks all
+    False where absent) and each image's mask areas (NaN where the radiologists drew no opacity /
+    devices column)."""
+    masks = dict(mask_set.masks)
+    for name in SCORING_MASKS:
+        masks.setdefault(name, torch.zeros_like(masks["lungs"]))
+    areas = {column: M.mask_share(masks[name]).numpy() for column, name in AREAS.items()}
     for key, present in (("opacity_area", "opacity"), ("device_area", "devices")):
         if present in mask_set.present:
             areas[key] = np.where(mask_set.present[present].numpy(), areas[key], np.nan)
         else:
             areas[key] = np.full(len(mask_set), np.nan)
-    random_auc = M.random_order_auc(model, images, target_idx, seed=seed, steps=steps, baseline=baseline,
-                                    max_batch=max_batch * 4)
+    return masks, areas
+
+
+def _prepare(run: LoadedRun, name: str, mask_set: MaskSet, config: ScoreConfig) -> _ModelSetup:
+    device = torch.device(config.device)
+    target_idx, chosen = _choose_targets(mask_set, run.taxonomy, config.targets)
+    images = mask_set.images.to(device)
+    model = _explainable_model(run.model.to(device).eval(), config.methods, config.method_params, images)
+    with torch.no_grad():
+        logits = [model(x).float() for x in images.split(config.max_batch)]
+    probs = torch.sigmoid(torch.cat(logits)).cpu().numpy()
+    masks, areas = _scoring_masks(mask_set)
     has_target = np.nonzero(chosen.any(1))[0]
-    sanity_idx = _subset(has_target, sanity_images, seed)
-    robust_idx = _subset(has_target, robustness_images, seed + 1)
+    subsets = {"sanity": _subset(has_target, config.sanity_images, config.seed),
+               "robustness": _subset(has_target, config.robustness_images, config.seed + 1)}
+    return _ModelSetup(name, list(run.taxonomy.classes), target_idx, chosen, model, images, probs, masks, areas,
+                       subsets, mask_set.frame)
+
+
+def _sanity_record(result: M.RandomisationResult, pick: np.ndarray, config: ScoreConfig, n_images: int) -> dict:
+    spearman_curve = result.curve("spearman", pick)
+    return {
+        "passes": result.passes(config.sanity_threshold, pick),
+        "spearman": spearman_curve[-1],
+        "threshold": config.sanity_threshold,
+        "layers": result.layers,
+        "n_randomised": result.n_randomised,
+        "spearman_curve": spearman_curve,
+        "ssim_curve": result.curve("ssim", pick),
+        "n_images": n_images,
+    }
+
+
+def _image_rows(setup: _ModelSetup, method: str, values: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per scored (image, class) pair: every metric and the image's mask areas."""
+    ii, tt = np.nonzero(setup.chosen)
+    blank = pd.Series([""] * len(setup.frame))
+    return pd.DataFrame({
+        "model": setup.name,
+        "method": method,
+        "class": [setup.classes[setup.target_idx[t]] for t in tt],
+        "image": setup.frame["image"].to_numpy()[ii],
+        "patient_group": setup.frame.get("patient_group", blank).to_numpy()[ii],
+        "finding": setup.frame.get("finding", blank).to_numpy()[ii],
+        "probability": setup.probs[ii, np.asarray(setup.target_idx)[tt]],
+        "outside_lungs": 1 - values["lung_focus"][ii, tt],
+        **{k: v[ii, tt] for k, v in values.items()},
+        **{k: v[ii] for k, v in setup.areas.items()},
+    })
+
+
+def _gallery_candidates(setup: _ModelSetup, method: str, lung_focus: np.ndarray, maps: torch.Tensor,
+                        size: int) -> list[dict]:
+    """This method's pairs with the least evidence in the lungs, with their maps."""
+    ii, tt = np.nonzero(setup.chosen)
+    order = np.argsort(np.nan_to_num(lung_focus[ii, tt], nan=np.inf), kind="stable")[:size]
+    rel_paths = setup.frame["image"].to_numpy()
+    return [
+        {"model": setup.name, "method": method, "class": setup.classes[setup.target_idx[tt[j]]],
+         "image": rel_paths[ii[j]], "lung_focus": float(lung_focus[ii[j], tt[j]]), "index": int(ii[j]),
+         "map": maps[ii[j], tt[j]].detach().cpu()}
+        for j in order
+    ]
+
+
+def score_model(run: LoadedRun, name: str, mask_set: MaskSet,
+                config: ScoreConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
+    """Per-image rows of every registered metric for one model and every method, its randomisation
+    results, and the candidates for the worst-offender gallery (with their maps)."""
+    setup = _prepare(run, name, mask_set, config)
     rows, sanity, gallery = [], {}, []
-    ii, tt = np.nonzero(chosen)
-    rel_paths = mask_set.frame["image"].to_numpy()
-    for method in methods:
+    model_shared: dict[str, Any] = {}  # e.g. the random-order AUCs, the same for every method
+    for method in config.methods:
         started = time.perf_counter()
-        explain = _explainer(method, target_idx, method_params.get(method, {}), max_batch, run.config.model)
-        maps = explain(model, images)
-        values = {
-            "lung_focus": M.mass_share(maps, lungs),
-            "relevance_mass_accuracy": M.mass_share(maps, opacity),
-            "relevance_rank_accuracy": M.relevance_rank_accuracy(maps, opacity),
-            "pointing_game": M.pointing_game(maps, opacity, pointing_tolerance),
-            "device_share": M.mass_share(maps, devices),
-            "outside_body_share": M.mass_share(maps, outside),
-        }
-        faith = M.faithfulness(model, images, maps, target_idx, steps=steps, baseline=baseline,
-                               max_batch=max_batch * 4, random_auc=random_auc)
-        for key in ("deletion_auc", "insertion_auc", "deletion_gap", "insertion_gap"):
-            values[key] = faith[key]
-        values["faithfulness"] = faith["deletion_gap"] + faith["insertion_gap"]
-        values = {k: v.cpu().numpy().astype(np.float64) for k, v in values.items()}
-        for key in ("sanity_spearman", "sanity_ssim", "max_sensitivity"):
-            values[key] = np.full(chosen.shape, np.nan)
-        if len(sanity_idx):
-            result = M.cascading_randomisation(model, explain, images[sanity_idx], steps=sanity_steps, seed=seed + 42)
-            final = result.final()
-            values["sanity_spearman"][sanity_idx] = final["spearman"].numpy()
-            values["sanity_ssim"][sanity_idx] = final["ssim"].numpy()
-            pick = chosen[sanity_idx]
-            final_rho = _picked_mean(final["spearman"], pick)
-            sanity[method] = {
-                "passes": bool(final_rho < sanity_threshold),
-                "spearman": final_rho,
-                "threshold": sanity_threshold,
-                "layers": result.layers,
-                "n_randomised": result.n_randomised,
-                "spearman_curve": [_picked_mean(r, pick) for r in result.spearman],
-                "ssim_curve": [_picked_mean(r, pick) for r in result.ssim],
-                "n_images": len(sanity_idx),
-            }
-        if len(robust_idx):
-            sens = M.max_sensitivity(model, explain, images[robust_idx], n_samples=robustness_samples, radius=noise,
-                                     seed=seed, original=maps[robust_idx])
-            values["max_sensitivity"][robust_idx] = sens.cpu().numpy()
-        frame = pd.DataFrame({
-            "model": name,
-            "method": method,
-            "class": [classes[target_idx[t]] for t in tt],
-            "image": rel_paths[ii],
-            "patient_group": mask_set.frame.get("patient_group", pd.Series([""] * len(mask_set))).to_numpy()[ii],
-            "finding": mask_set.frame.get("finding", pd.Series([""] * len(mask_set))).to_numpy()[ii],
-            "probability": probs[ii, np.asarray(target_idx)[tt]],
-            "outside_lungs": 1 - values["lung_focus"][ii, tt],
-            **{k: v[ii, tt] for k, v in values.items()},
-            **{k: v[ii] for k, v in areas.items()},
-        })
-        rows.append(frame)
-        # gallery candidates: lowest lung focus first
-        order = np.argsort(np.nan_to_num(values["lung_focus"][ii, tt], nan=np.inf), kind="stable")[:gallery_size]
-        for j in order:
-            i, t = int(ii[j]), int(tt[j])
-            gallery.append({
-                "model": name, "method": method, "class": classes[target_idx[t]], "image": rel_paths[i],
-                "lung_focus": float(values["lung_focus"][i, t]), "index": i,
-                "map": maps[i, t].detach().cpu(),
-            })
-        if progress:
+        explain = _explainer(method, setup.target_idx, config.method_params.get(method, {}), config.max_batch,
+                             run.config.model)
+        inputs = M.MetricInputs(setup.model, explain, setup.images, explain(setup.model, setup.images),
+                                setup.target_idx, setup.masks, setup.subsets, config, model_shared=model_shared)
+        values = {metric: compute(inputs) for metric, compute in M.SCORECARD_METRICS.items()}
+        result = M.randomisation(inputs)
+        if result is not None:
+            index = setup.subsets["sanity"]
+            sanity[method] = _sanity_record(result, setup.chosen[index], config, len(index))
+        rows.append(_image_rows(setup, method, values))
+        gallery += _gallery_candidates(setup, method, values["lung_focus"], inputs.maps, config.gallery_size)
+        if config.progress:
             print(f"score {name} / {method}: {time.perf_counter() - started:.1f} s")
     gallery.sort(key=lambda g: (math.inf if math.isnan(g["lung_focus"]) else g["lung_focus"]))
-    return pd.concat(rows, ignore_index=True), sanity, gallery[:gallery_size]
+    return pd.concat(rows, ignore_index=True), sanity, gallery[:config.gallery_size]
 
 
 def summarise(images: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -307,7 +296,7 @@ def summarise(images: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.Dat
     records = []
     for (model, method, cls), rows in images.groupby(["model", "method", "class"], sort=False):
         record: dict[str, Any] = {"model": model, "method": method, "class": cls, "n_images": int(len(rows))}
-        for metric in METRICS:
+        for metric in M.SCORECARD_METRICS:
             mean, low, high, n = M.bootstrap_ci(rows[metric].to_numpy(), n_boot, seed)
             record.update({metric: mean, f"{metric}_low": low, f"{metric}_high": high, f"{metric}_n": n})
         for ref in REFERENCE_COLUMNS:
@@ -323,7 +312,7 @@ def rank_models(images: pd.DataFrame, metric: str, n_boot: int = 1000, seed: int
         per_image = rows.groupby("image")[metric].mean()
         mean, low, high, n = M.bootstrap_ci(per_image.to_numpy(), n_boot, seed)
         out.append({"model": model, metric: mean, "low": low, "high": high, "n_images": n})
-    higher = METRICS[metric]
+    higher = M.get_metric(metric).higher_is_better
     out.sort(key=lambda r: (math.isnan(r[metric]), -r[metric] if higher else r[metric]))
     for rank, row in enumerate(out, 1):
         row["rank"] = rank
@@ -343,7 +332,7 @@ def _fmt(value: float, low: float | None = None, high: float | None = None) -> s
 
 
 def table_markdown(table: pd.DataFrame) -> str:
-    columns = list(METRICS)
+    columns = list(M.SCORECARD_METRICS)
     header = "| model | method | class | n | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 4)]
     for _, r in table.iterrows():
@@ -352,23 +341,11 @@ def table_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def plot_heatmap(table: pd.DataFrame) -> bytes:
+def plot_heatmap(table: pd.DataFrame) -> Figure:
     """Heat map of the table: colour = rank of the row within each metric (green = better), text = value."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = list(METRICS)
+    columns = list(M.SCORECARD_METRICS)
     values = table[columns].to_numpy(dtype=np.float64)
     colour = np.full_like(values, np.nan)
     for j, c in enumerate(columns):
@@ -377,10 +354,12 @@ def plot_heatmap(table: pd.DataFrame) -> bytes:
         if finite.sum() == 1:
             colour[finite, j] = 0.5
         elif finite.sum() > 1:
-            ranks = pd.Series(col[finite] if METRICS[c] else -col[finite]).rank().to_numpy()
+            higher = M.SCORECARD_METRICS[c].higher_is_better
+            ranks = pd.Series(col[finite] if higher else -col[finite]).rank().to_numpy()
             colour[finite, j] = (ranks - 1) / (finite.sum() - 1)
     labels = [f"{r.model} / {r.method} / {r['class']}" for _, r in table.iterrows()]
-    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 3, 0.45 * len(labels) + 2))
+    fig = Figure(figsize=(1.0 * len(columns) + 3, 0.45 * len(labels) + 2))
+    ax = fig.subplots()
     ax.imshow(np.ma.masked_invalid(colour), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), [c.replace("_", "\n") for c in columns], fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -390,20 +369,18 @@ def plot_heatmap(table: pd.DataFrame) -> bytes:
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6)
     ax.set_title("interpretability scorecard (colour: rank per metric, green = better)", fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
-def plot_gallery(gallery: dict[str, list[dict]], mask_sets: dict[str, MaskSet]) -> bytes:
+def plot_gallery(gallery: dict[str, list[dict]], mask_sets: dict[str, MaskSet]) -> Figure:
     """Per model (row) the pairs with the least evidence in the lungs: image, positive attribution
     (magma), lung outline (cyan)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n_rows = max(1, len(gallery))
     n_cols = max(1, max((len(v) for v in gallery.values()), default=1))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.5 * n_rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * n_cols, 2.5 * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, (model, items) in enumerate(gallery.items()):
@@ -421,115 +398,29 @@ def plot_gallery(gallery: dict[str, list[dict]], mask_sets: dict[str, MaskSet]) 
                          fontsize=6)
     fig.suptitle("worst offenders: least positive attribution inside the lungs (cyan)", fontsize=9)
     fig.tight_layout()
-    return _png(fig)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(type(value).__name__)
-
-
-def _dumps(obj: Any) -> str:
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
-    return text.replace("NaN", "null")
+    return fig
 
 
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def run_scorecard(
-    runs: Sequence[str | Path | LoadedRun],
-    mask_dir: str | Path | None = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    out_dir: str | Path = "scorecard",
-    *,
-    method_params: dict[str, dict] | None = None,
-    targets: str = "true",
-    data: str | Path | bool | None = None,
-    split: str | None = "test",
-    max_images: int | None = None,
-    probe_images: int | None = None,
-    steps: int = 20,
-    baseline: str | float = "blur",
-    pointing_tolerance: float = 15.0,
-    sanity_images: int = 8,
-    sanity_steps: int | None = 5,
-    sanity_threshold: float = 0.5,
-    robustness_images: int = 8,
-    robustness_samples: int = 5,
-    noise: float = 0.02,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    max_batch: int = 16,
-    gallery_size: int = 6,
-    progress: bool = False,
-) -> Scorecard:
-    """Score every run x attribution method x class and write the scorecard to ``out_dir``.
-
-    runs: run folders (or :class:`LoadedRun`); mask_dir: a mask folder (default ``data/lungmasks``);
-    methods: names from ``cxrlens.explain.METHODS``; method_params: method -> its parameters.
-    targets: ``"true"`` explains each image's labelled classes (rows per class use only the images
-    labelled with it), ``"all"`` every class on every image. data/split: the classification data for
-    the shortcut detector (default each run's own data, ``test`` split; ``False`` skips it).
-    max_images / probe_images: caps for quick runs. steps/baseline: deletion and insertion settings
-    (``"blur"``, ``"mean"`` or a number). pointing_tolerance: px at the model's input size.
-    sanity_images / sanity_steps / sanity_threshold: the cascading randomisation on a subset of
-    images, at ``sanity_steps`` checkpoints (None: after every module); a method fails when the
-    mean Spearman to the fully randomised model's maps is >= the threshold. robustness_images /
-    robustness_samples / noise: max-sensitivity under uniform noise of that radius. bootstrap:
-    resamples for the CIs. device: where models run. Returns a :class:`Scorecard`.
-    """
-    from cxrlens.explain import get_method
-
+def run_scorecard(runs: Sequence[str | Path | LoadedRun], out_dir: str | Path,
+                  config: ScoreConfig | None = None) -> Scorecard:
+    """Score every run x attribution method x class and write the scorecard (and its ``config.json``)
+    to ``out_dir``. runs: run folders or :class:`LoadedRun`; config: every setting (defaults:
+    ``ScoreConfig()``). Returns a :class:`Scorecard`."""
+    config = config or ScoreConfig()
     if not runs:
         raise CxrlensError("give at least one run folder to score")
-    if not methods:
-        raise CxrlensError("give at least one attribution method to score")
-    for method in methods:
-        get_method(method)  # fail early on a typo, before loading anything
-    method_params = dict(method_params or {})
-    unknown = sorted(set(method_params) - set(methods))
-    if unknown:
-        raise CxrlensError(f"parameters given for '{unknown[0]}', which is not among the methods {', '.join(methods)}")
-    for method, params in method_params.items():
-        get_method(method).resolve(dict(params))
-    device = torch.device(device)
-    mask_dir = Path(mask_dir) if mask_dir is not None else DEFAULT_MASKS
+    config.check()  # fail on a typo before anything is loaded
+    config = replace(config, masks=str(config.mask_dir), methods=list(config.methods),
+                     method_params=dict(config.method_params))
     loaded = [r if isinstance(r, LoadedRun) else load_run(r) for r in runs]
-    names = _unique_names(loaded)
-    out_dir = Path(out_dir)
-    cache: dict[int, MaskSet] = {}
-    all_rows, sanity, galleries, shortcut, used_masks = [], {}, {}, {}, {}
-    for run, name in zip(loaded, names, strict=True):
-        size = run.config.image_size
-        if size not in cache:
-            cache[size] = load_mask_set(mask_dir, size, max_images=max_images)
-            if "lungs" not in cache[size].masks:
-                raise CxrlensError(f"{cache[size].csv}: a scorecard needs a 'lungs' mask column")
-        mask_set = used_masks[name] = cache[size]
-        rows, sanity[name], galleries[name] = score_model(
-            run, name, mask_set, methods,
-            method_params=method_params, targets=targets, steps=steps, baseline=baseline,
-            pointing_tolerance=pointing_tolerance, sanity_images=sanity_images, sanity_steps=sanity_steps,
-            sanity_threshold=sanity_threshold, robustness_images=robustness_images,
-            robustness_samples=robustness_samples, noise=noise, seed=seed, device=device, max_batch=max_batch,
-            gallery_size=gallery_size, progress=progress,
-        )
-        all_rows.append(rows)
-        if data is not False:
-            shortcut[name] = _shortcut_data(run, data, split, probe_images, device, seed)
-    images = pd.concat(all_rows, ignore_index=True)
-    table = summarise(images, bootstrap, seed)
-    rankings = {
-        "lung_focus": rank_models(images, "lung_focus", bootstrap, seed),
-        "faithfulness": rank_models(images, "faithfulness", bootstrap, seed),
-    }
+    names = unique_names(r.name for r in loaded)
+    rows, sanity, galleries, shortcut, mask_sets = _score_runs(loaded, names, config)
+    images = pd.concat(rows, ignore_index=True)
+    table = summarise(images, config.bootstrap, config.seed)
+    rankings = {metric: rank_models(images, metric, config.bootstrap, config.seed) for metric in config.rank_by}
     verdicts = {
         name: S.model_verdict(
             name,
@@ -540,27 +431,35 @@ def run_scorecard(
         )
         for name in names
     }
-    files = _write(out_dir, table, images, rankings, verdicts, shortcut, sanity, galleries, used_masks, {
-        "runs": [str(r.run_dir) for r in loaded], "mask_dir": str(mask_dir), "methods": list(methods),
-        "method_params": method_params, "targets": targets, "steps": steps, "baseline": baseline,
-        "pointing_tolerance": pointing_tolerance, "sanity_images": sanity_images, "sanity_steps": sanity_steps,
-        "sanity_threshold": sanity_threshold, "robustness_images": robustness_images,
-        "robustness_samples": robustness_samples, "noise": noise, "bootstrap": bootstrap, "seed": seed,
-    })
-    return Scorecard(table, images, rankings, verdicts, shortcut, sanity, files)
+    card = Scorecard(table, images, rankings, verdicts, shortcut, sanity, config=config)
+    card.files = _write(Path(out_dir), card, galleries, mask_sets, {"runs": [str(r.run_dir) for r in loaded],
+                                                                     **config.to_dict()})
+    return card
 
 
-def _write(out_dir: Path, table: pd.DataFrame, images: pd.DataFrame, rankings: dict, verdicts: dict, shortcut: dict,
-           sanity: dict, galleries: dict, mask_sets: dict, settings: dict) -> dict[str, str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: str(out_dir / name) for name in (
-        "scorecard.csv", "scorecard.md", "scorecard.png", "scorecard.json", "images.csv", "verdicts.json",
-        "shortcut.json", "worst_offenders.png")}
-    atomic_write_text(out_dir / "scorecard.csv", table.to_csv(index=False, float_format="%.5g"))
-    worst_first = images.sort_values(["model", "lung_focus"], na_position="last", kind="stable")
-    atomic_write_text(out_dir / "images.csv", worst_first.to_csv(index=False, float_format="%.5g"))
-    text = "# Interpretability scorecard\n\nMean [95 % bootstrap CI over images].\n\n" + table_markdown(table)
-    for metric, ranking in rankings.items():
+def _score_runs(loaded: list[LoadedRun], names: list[str], config: ScoreConfig) -> tuple[list, dict, dict, dict, dict]:
+    """Per model: the image rows, randomisation results, gallery, shortcut data and the mask set
+    used (loaded once per input size)."""
+    device = torch.device(config.device)
+    cache: dict[int, MaskSet] = {}
+    rows, sanity, galleries, shortcut, mask_sets = [], {}, {}, {}, {}
+    for run, name in zip(loaded, names, strict=True):
+        size = run.config.image_size
+        if size not in cache:
+            cache[size] = load_mask_set(config.mask_dir, size, max_images=config.max_images)
+            if "lungs" not in cache[size].masks:
+                raise CxrlensError(f"{cache[size].csv}: a scorecard needs a 'lungs' mask column")
+        mask_sets[name] = cache[size]
+        model_rows, sanity[name], galleries[name] = score_model(run, name, cache[size], config)
+        rows.append(model_rows)
+        if config.shortcut:
+            shortcut[name] = _shortcut_data(run, config, device)
+    return rows, sanity, galleries, shortcut, mask_sets
+
+
+def _markdown(card: Scorecard) -> str:
+    text = "# Interpretability scorecard\n\nMean [95 % bootstrap CI over images].\n\n" + table_markdown(card.table)
+    for metric, ranking in card.rankings.items():
         text += f"\n## Models ranked by {metric.replace('_', ' ')}\n\n"
         text += f"| rank | model | {metric} | n |\n|---|---|---|---|\n"
         text += "".join(
@@ -568,18 +467,33 @@ def _write(out_dir: Path, table: pd.DataFrame, images: pd.DataFrame, rankings: d
             for r in ranking
         )
     text += "\n## Verdicts\n"
-    for verdict in verdicts.values():
+    for verdict in card.verdicts.values():
         text += f"\n**{verdict['summary']}**\n\n" + "".join(f"- {s}\n" for s in verdict["statements"])
-    atomic_write_text(out_dir / "scorecard.md", text)
-    atomic_write_bytes(out_dir / "scorecard.png", plot_heatmap(table))
-    atomic_write_bytes(out_dir / "worst_offenders.png", plot_gallery(galleries, mask_sets))
-    atomic_write_text(out_dir / "verdicts.json", _dumps(verdicts))
-    atomic_write_text(out_dir / "shortcut.json", _dumps(shortcut))
-    atomic_write_text(out_dir / "scorecard.json", _dumps({
+    return text
+
+
+def _write(out_dir: Path, card: Scorecard, galleries: dict, mask_sets: dict, settings: dict) -> dict[str, str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {name: str(out_dir / name) for name in (
+        "scorecard.csv", "scorecard.md", "scorecard.png", "scorecard.json", "images.csv", "verdicts.json",
+        "shortcut.json", "worst_offenders.png", "config.json")}
+    atomic_write_text(out_dir / "scorecard.csv", card.table.to_csv(index=False, float_format="%.5g"))
+    worst_first = card.images.sort_values(["model", "lung_focus"], na_position="last", kind="stable")
+    atomic_write_text(out_dir / "images.csv", worst_first.to_csv(index=False, float_format="%.5g"))
+    atomic_write_text(out_dir / "scorecard.md", _markdown(card))
+    save_figure(plot_heatmap(card.table), out_dir / "scorecard.png")
+    save_figure(plot_gallery(galleries, mask_sets), out_dir / "worst_offenders.png")
+    write_json(out_dir / "verdicts.json", card.verdicts)
+    write_json(out_dir / "shortcut.json", card.shortcut)
+    write_json(out_dir / "scorecard.json", {
         "settings": settings,
-        "table": table.to_dict(orient="records"),
-        "rankings": rankings,
-        "sanity": sanity,
+        "metrics": {m.name: {"higher_is_better": m.higher_is_better, "needs_model": m.needs_model,
+                             "map_sign": m.map_sign, "description": m.description}
+                    for m in M.SCORECARD_METRICS.values()},
+        "table": card.table.to_dict(orient="records"),
+        "rankings": card.rankings,
+        "sanity": card.sanity,
         "files": files,
-    }))
+    })
+    write_json(out_dir / "config.json", settings)
     return files
