@@ -269,6 +269,22 @@ def test_fleiss_kappa_textbook_example():
     assert np.isnan(fleiss_kappa([[1, 0]]))  # one rating per item: no agreement to measure
 
 
+def test_fleiss_kappa_agrees_with_statsmodels():
+    """Ours allows a different number of raters per item, which statsmodels does not; where every item
+    has the same number, both are the same closed formula (float64 rounding only, hence 1e-12)."""
+    from statsmodels.stats.inter_rater import fleiss_kappa as statsmodels_kappa
+
+    from cxrlens.serve.ratings import fleiss_kappa
+
+    rng = np.random.default_rng(0)
+    for n_raters in (2, 3, 7):
+        for _ in range(20):
+            scores = rng.integers(0, 5, size=(int(rng.integers(2, 30)), n_raters))
+            scores[:, 1:] = np.where(rng.random(scores[:, 1:].shape) < 0.5, scores[:, :1], scores[:, 1:])  # agree
+            table = np.stack([(scores == k).sum(1) for k in range(5)], 1)
+            assert fleiss_kappa(table.tolist()) == pytest.approx(statsmodels_kappa(table), rel=1e-12, abs=1e-12)
+
+
 def test_ratings_store_summary(tmp_path):
     from cxrlens.serve.ratings import RatingsStore
 

@@ -52,6 +52,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        state.queue.open()
         yield
         state.queue.shutdown()
 

@@ -84,6 +84,11 @@ class JobQueue:
         with self._cond:
             return self._live_waiting() + (self._running is not None)
 
+    @property
+    def running(self) -> Job | None:
+        """The job the worker is running now, if any."""
+        return self._running
+
     def _live_waiting(self) -> int:
         for job in self._waiting:  # a polled job nobody asks for any more gives its place up at once
             if job.abandoned():
@@ -174,6 +179,15 @@ class JobQueue:
             result.cancel()  # nobody will read it
             raise RequestError(409, "cancelled: the client closed the connection")
         return result.result()
+
+    def open(self) -> None:
+        """Accept jobs again after :meth:`shutdown` (an app served a second time, as tests do)."""
+        if not self._closed:
+            return
+        if self._thread is not None:
+            self._thread.join(60)  # the old worker ends at once: its job, if any, was cancelled
+        with self._cond:
+            self._closed, self._thread = False, None
 
     def shutdown(self) -> None:
         with self._cond:
