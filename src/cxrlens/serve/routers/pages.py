@@ -58,4 +58,5 @@ def info(state: AppState = Depends(app_state)) -> dict:
             "split": test.split, "n": len(test), "sources": sorted(set(test.manifest.frame["source"])),
         },
         "study": None if test is None else {"methods": list(config.study_methods), "n_images": len(state.study_order)},
+        "queue": {"pending": state.queue.pending, **state.queue.stats},  # dropped/cancelled: work of clients gone
     }
