@@ -128,6 +128,20 @@ def test_served_host_names_and_same_origin_requests_pass(client):
     assert client.get("/api/info", headers={"origin": "http://evil.example"}).status_code == 200  # reads: SOP
 
 
+def test_host_names_of_a_bind_address_and_bad_ones():
+    from cxrlens.errors import CxrlensError
+    from cxrlens.serve.app import hosts_for_bind
+    from cxrlens.serve.state import ServeConfig
+
+    assert hosts_for_bind("127.0.0.1", ()) == () and hosts_for_bind("::1", ("a.lan",)) == ("a.lan",)
+    assert hosts_for_bind("192.168.1.5", ()) == ("192.168.1.5",)  # a specific address: its own name
+    assert hosts_for_bind("0.0.0.0", ()) == ()  # a wildcard: only the names given with --allowed-host
+    assert ServeConfig(allowed_hosts=("Xrays.Example.org", "fe80::1")).hosts[3:] == ["xrays.example.org", "[fe80::1]"]
+    for bad in ("*", "evil.example/path", "a.*.lan", ""):
+        with pytest.raises(CxrlensError, match="not a host name"):
+            ServeConfig(allowed_hosts=(bad,))
+
+
 def test_ratings_csv_escapes_formulas(client, app):
     app.state.cxrlens.store.add("@evil", "=HYPERLINK(\"http://evil.example\")", "+cls",
                                 [("-2+3", "\tmethod", 4), ("plain", "saliency", 5)])

@@ -36,9 +36,10 @@ from cxrlens.errors import CxrlensError
 from cxrlens.serve.engine import RequestError
 from cxrlens.serve.guards import LOOPBACK_HOSTS, BodyLimit, SameOrigin
 from cxrlens.serve.routers import ROUTERS
-from cxrlens.serve.state import AppState, ServeConfig
+from cxrlens.serve.state import AppState, ServeConfig, host_name
 
 FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries on top of the file itself
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def create_app(
@@ -107,14 +108,19 @@ def serve(
     host names; behind a wildcard (0.0.0.0, ::) give the names clients use as ``allowed_hosts``."""
     import uvicorn
 
-    wildcard = host in ("0.0.0.0", "::", "")
-    bracketed = f"[{host}]" if ":" in host else host
-    if bracketed not in LOOPBACK_HOSTS:
+    options["allowed_hosts"] = hosts_for_bind(host, options.get("allowed_hosts", ()))
+    if host_name(host) not in LOOPBACK_HOSTS:
         print(f"warning: serving on {host}: anyone who can reach this address can upload images and read "
               "ratings (the app has no login)")
-        if not wildcard:
-            options["allowed_hosts"] = (*options.get("allowed_hosts", ()), bracketed)
     app = create_app(run_dirs, data, **options)
-    print(f"cxrlens web app on http://{bracketed if not wildcard else '127.0.0.1'}:{port}/ (Ctrl+C to stop); "
-          f"answering host names: {', '.join(app.state.cxrlens.config.hosts)}")
+    shown = host_name(host) if host not in WILDCARDS else "127.0.0.1"
+    print(f"cxrlens web app on http://{shown}:{port}/ (Ctrl+C to stop); answering host names: "
+          f"{', '.join(app.state.cxrlens.config.hosts)}")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def hosts_for_bind(host: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """The extra host names to answer when bound to ``host``: a specific address is one of them; a
+    wildcard (0.0.0.0, ::) adds nothing, as clients reach it by names only the user knows."""
+    extra = () if host in WILDCARDS or host_name(host) in LOOPBACK_HOSTS else (host_name(host),)
+    return (*allowed, *extra)

@@ -47,7 +47,7 @@ class ServeConfig:
         from cxrlens.explain import METHODS
 
         object.__setattr__(self, "study_methods", tuple(self.study_methods))
-        object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower() for h in self.allowed_hosts))
+        object.__setattr__(self, "allowed_hosts", tuple(host_name(h) for h in self.allowed_hosts))
         for name in ("max_upload_mb", "max_pixels", "max_waiting", "abandon_after_s"):
             if not getattr(self, name) > 0:
                 raise CxrlensError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -66,6 +66,12 @@ class ServeConfig:
     def hosts(self) -> list[str]:
         """Every host name the app answers to."""
         return list(dict.fromkeys(("127.0.0.1", "localhost", "[::1]", *self.allowed_hosts)))
+
+
+def host_name(host: str) -> str:
+    """A host name as the ``Host`` header carries it: lower case, IPv6 addresses in brackets."""
+    host = host.strip().lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @dataclass
