@@ -82,29 +82,35 @@ class JobQueue:
     def pending(self) -> int:
         """Jobs waiting or running (cancelled ones that the worker has not reached yet excluded)."""
         with self._cond:
-            return self._live_waiting() + (self._running is not None)
+            self._prune()
+            return len(self._waiting) + (self._running is not None)
 
     @property
     def running(self) -> Job | None:
         """The job the worker is running now, if any."""
         return self._running
 
-    def _live_waiting(self) -> int:
-        for job in self._waiting:  # a polled job nobody asks for any more gives its place up at once
+    def _prune(self) -> None:
+        """Drop the waiting jobs nobody wants any more (cancelled, or polled jobs nobody asks about) at
+        once, with what they hold (an upload's bytes): the queue holds only live jobs. Under the lock."""
+        kept: deque[Job] = deque()
+        for job in self._waiting:
             if job.abandoned():
                 job.cancel()
-        return sum(not job.cancel_requested for job in self._waiting)
+            if job.cancel_requested:
+                job.state = "cancelled"
+                self.stats["dropped"] += 1
+            else:
+                kept.append(job)
+        self._waiting = kept
 
     def position(self, job: Job) -> int:
         """How many jobs run before this one (0 once it runs)."""
         with self._cond:
             if job.state != "queued":
                 return 0
-            ahead = 0
-            for other in self._waiting:
-                if other is job:
-                    break
-                ahead += not other.cancel_requested
+            self._prune()
+            ahead = next((i for i, other in enumerate(self._waiting) if other is job), len(self._waiting))
             return ahead + (self._running is not None)
 
     def submit(self, work: Work, kind: str = "job", polled: bool = False) -> Job:
@@ -112,7 +118,8 @@ class JobQueue:
         with self._cond:
             if self._closed:
                 raise RequestError(503, "server is shutting down")
-            if self._live_waiting() + (self._running is not None) > self.max_waiting:
+            self._prune()
+            if len(self._waiting) + (self._running is not None) > self.max_waiting:
                 self.stats["refused"] += 1
                 raise RequestError(503, f"server busy: {self.max_waiting} requests are waiting; try again shortly")
             job = Job(work, kind, polled, self.abandon_after)
