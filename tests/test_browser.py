@@ -8,13 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import CXR3, XRAY, make_run
+from serve_helpers import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,32 +28,21 @@ playwright_api = pytest.importorskip("playwright.sync_api",
                                      reason="playwright is not installed (pip install '.[test]')")
 
 
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """uvicorn serving the app on a free loopback port, in a thread of this process."""
-    import uvicorn
-
+def app(tmp_path_factory):
     from cxrlens.serve import create_app
 
     root = tmp_path_factory.mktemp("browser")
     runs = [make_run(root / "resnet18-a", 1), make_run(root / "resnet18-b", 2)]
-    app = create_app(runs, data=CXR3, ratings_db=root / "ratings.sqlite", study_images=3,
-                     study_methods=("grad_cam", "saliency"))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; uvicorn serves on this very socket
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    return create_app(runs, data=CXR3, ratings_db=root / "ratings.sqlite", study_images=3,
+                      study_methods=("grad_cam", "saliency"))
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    """uvicorn serving the app on a free loopback port, in a thread of this process."""
+    with live_server(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +175,42 @@ def test_reader_study_rating_reaches_the_csv_export(server, page, shots):
     page.click("#summary-box summary")
     page.locator("#summary table").first.wait_for()
     assert "Fleiss' kappa" in page.locator("#summary").text_content()
+
+
+def test_long_explanation_shows_each_model_and_cancel_frees_the_worker(server, app, page):
+    """The second model's first forward pass waits until the test lets it go: the page must show the
+    first model's map with the progress line, and Cancel must stop the job there."""
+    state = app.state.cxrlens
+    page.goto(server + "/")
+    page.set_input_files("#file", str(XRAY))
+    page.click("#upload-button")
+    wait_until(page, "() => document.querySelectorAll('#heatmaps img.overlay').length === 2")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        entered.set()
+        assert release.wait(60), "the test never released the model"
+
+    cancelled_before, errors_before = state.queue.stats["cancelled"], len(page.errors)
+    handle = state.bank.members[1].run.model.register_forward_pre_hook(hold)
+    try:
+        page.select_option("#method", "occlusion")
+        assert entered.wait(60)
+        wait_until(page, "() => document.querySelectorAll('#heatmaps img.overlay').length === 1 && "
+                         "document.querySelector('#explain-status').textContent.includes('1 of 2 models done')")
+        assert "s left" in page.locator("#explain-status").text_content()  # estimated from the first model
+        cancel = page.locator("#explain-cancel")
+        assert cancel.is_visible()
+        cancel.click()
+        wait_until(page, "() => document.querySelector('#explain-status').textContent === 'cancelling ...'")
+    finally:
+        release.set()
+        handle.remove()
+    wait_until(page, "() => document.querySelector('#explain-status').textContent.includes('cancelled after 1 of 2')")
+    assert state.queue.stats["cancelled"] == cancelled_before + 1  # stopped inside the second model
+    assert page.locator("#heatmaps img.overlay").count() == 1
+    assert not page.locator("#explain-cancel").is_visible()
+    page.select_option("#method", "saliency")  # the worker is free again
+    wait_until(page, "() => document.querySelector('#explain-caption').textContent.startsWith('saliency')")
+    assert page.locator("#heatmaps img.overlay").count() == 2
+    assert not page.errors[errors_before:], page.errors

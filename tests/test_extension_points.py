@@ -170,7 +170,7 @@ def test_web_app_offers_the_toy_method_with_its_ui_parameters(toy_run, tmp_path)
 
     from cxrlens.serve import create_app
 
-    client = TestClient(create_app([toy_run], ratings_db=tmp_path / "ratings.sqlite"))
+    client = TestClient(create_app([toy_run], ratings_db=tmp_path / "ratings.sqlite"), base_url="http://localhost")
     listed = {m["name"]: m for m in client.get("/api/info").json()["methods"]}
     assert listed[TOY_METHOD]["params"] == [{"name": "power", "type": "float", "default": 1.0, "min": 0.5, "max": 4.0}]
     assert listed[TOY_METHOD]["signed"] is False and listed[TOY_METHOD]["cost"] == "gradient"

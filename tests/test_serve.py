@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CXR3, XRAY, make_run
 from PIL import Image
+from serve_helpers import LOCAL, dicom_bytes, png_with_size, upload
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -31,44 +30,7 @@ def client(runs, tmp_path_factory) -> TestClient:
 
     db = tmp_path_factory.mktemp("serve-db") / "ratings.sqlite"
     app = create_app(runs, data=CXR3, ratings_db=db, study_images=4, study_methods=("grad_cam", "saliency"))
-    return TestClient(app)
-
-
-def upload(client: TestClient, data: bytes, name: str = "x.jpg", mime: str = "image/jpeg"):
-    return client.post("/api/predict", files={"file": (name, data, mime)})
-
-
-def png_with_size(width: int, height: int) -> bytes:
-    """A tiny valid PNG whose header declares width x height (a decompression bomb's header)."""
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
-
-
-def dicom_bytes(pixels: np.ndarray, rows: int | None = None, cols: int | None = None) -> bytes:
-    """An uncompressed 16-bit MONOCHROME2 DICOM of ``pixels`` (optionally lying about its size)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = rows or pixels.shape[0], cols or pixels.shape[1]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return TestClient(app, base_url=LOCAL)
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -136,7 +98,7 @@ def test_explain_gives_one_heat_map_per_model(client):
 def test_oversize_upload_is_refused_with_413(runs, tmp_path):
     from cxrlens.serve import create_app
 
-    small = TestClient(create_app(runs[:1], max_upload_mb=0.05, ratings_db=tmp_path / "r.sqlite"))
+    small = TestClient(create_app(runs[:1], max_upload_mb=0.05, ratings_db=tmp_path / "r.sqlite"), base_url=LOCAL)
     big = b"\xff\xd8\xff" + bytes(200_000)
     response = upload(small, big)
     assert response.status_code == 413
@@ -205,18 +167,18 @@ def test_pages_and_schema_load_nothing_from_elsewhere(client):
 
 
 def test_inference_queue_answers_503_when_full():
-    from cxrlens.serve.app import InferenceQueue
     from cxrlens.serve.engine import RequestError
+    from cxrlens.serve.jobs import JobQueue
 
-    queue = InferenceQueue(max_waiting=1)
+    queue = JobQueue(max_waiting=1)
     release = threading.Event()
 
     async def scenario():
-        running = asyncio.ensure_future(queue.run(release.wait, 10))
-        waiting = asyncio.ensure_future(queue.run(lambda: "second"))
+        running = asyncio.ensure_future(queue.run(lambda job: release.wait(10)))
+        waiting = asyncio.ensure_future(queue.run(lambda job: "second"))
         await asyncio.sleep(0.05)
         with pytest.raises(RequestError) as error:
-            await queue.run(lambda: "third")
+            await queue.run(lambda job: "third")
         assert error.value.status == 503
         release.set()
         return await running, await waiting
@@ -305,6 +267,22 @@ def test_fleiss_kappa_textbook_example():
     assert fleiss_kappa(table) == pytest.approx(0.210, abs=5e-4)
     assert fleiss_kappa([[3, 0], [0, 3], [3, 0]]) == pytest.approx(1.0)
     assert np.isnan(fleiss_kappa([[1, 0]]))  # one rating per item: no agreement to measure
+
+
+def test_fleiss_kappa_agrees_with_statsmodels():
+    """Ours allows a different number of raters per item, which statsmodels does not; where every item
+    has the same number, both are the same closed formula (float64 rounding only, hence 1e-12)."""
+    from statsmodels.stats.inter_rater import fleiss_kappa as statsmodels_kappa
+
+    from cxrlens.serve.ratings import fleiss_kappa
+
+    rng = np.random.default_rng(0)
+    for n_raters in (2, 3, 7):
+        for _ in range(20):
+            scores = rng.integers(0, 5, size=(int(rng.integers(2, 30)), n_raters))
+            scores[:, 1:] = np.where(rng.random(scores[:, 1:].shape) < 0.5, scores[:, :1], scores[:, 1:])  # agree
+            table = np.stack([(scores == k).sum(1) for k in range(5)], 1)
+            assert fleiss_kappa(table.tolist()) == pytest.approx(statsmodels_kappa(table), rel=1e-12, abs=1e-12)
 
 
 def test_ratings_store_summary(tmp_path):

@@ -252,6 +252,8 @@ def serve(
     threshold: Annotated[str, typer.Option(help="study (0.51), tuned, or a number")] = "study",
     study_methods: str = "grad_cam,integrated_gradients,guided_backprop",
     study_images: int = 24,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help="a host name clients use besides the loopback names (repeat the option)")] = None,
 ) -> None:
     """Web app: upload an X-ray, see every model's prediction and heat maps; browse; reader study."""
     from cxrlens.serve import serve as run_server
@@ -259,6 +261,7 @@ def serve(
     run_server(
         runs, data=data, host=host, port=port, max_upload_mb=max_upload_mb, ratings_db=ratings_db,
         threshold=threshold, study_methods=tuple(study_methods.split(",")), study_images=study_images,
+        allowed_hosts=tuple(allowed_host or ()),
     )
 
 

@@ -30,7 +30,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".
 FRONTAL_VIEWS = {"PA", "AP", "AP SUPINE", "AP ERECT", "AP SEMI ERECT"}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "cxr3"
 
-Image.MAX_IMAGE_PIXELS = 60_000_000  # refuse decompression bombs (a chest X-ray is < 10 MP)
+# One pixel cap for every reader (CLI and web app): a chest X-ray has < 10 MP, so larger declared sizes are
+# refused as decompression bombs. Pillow warns above this and refuses above twice this.
+MAX_PIXELS = 50_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 # --- image readers -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What the web app computes, free of HTTP: safe decoding of uploads, predictions of every model and
 both ensembles, explanation maps rendered as PNG overlays, and a data set's test split.
 
-Everything here is synchronous; the app runs it in one worker thread (see ``app.InferenceQueue``).
+Everything here is synchronous; the app runs it in one worker thread (see :mod:`cxrlens.serve.jobs`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import io
 import re
 import struct
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cxrlens.data import MAX_PIXELS
 from cxrlens.errors import CxrlensError
+from cxrlens.io import unique_names
 
-DEFAULT_MAX_PIXELS = 50_000_000  # a chest X-ray has < 10 MP; larger declared sizes are decompression bombs
 CLIP_PERCENTILE = 99.0  # heat maps: outliers above this percentile of |map| are clipped (the study clipped 1-2 %)
 DEFAULT_METHOD = "grad_cam"
 
@@ -74,7 +77,7 @@ def _declared_pixels(data: bytes, kind: str) -> int:
         raise RequestError(400, f"not a readable {kind.upper()} image: {str(exc)[:120]}") from None
 
 
-def decode_upload(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_upload(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Bytes of a PNG, JPEG or DICOM -> 2-D float32 raw intensities; RequestError (4xx) otherwise."""
     from cxrlens.data import read_image_bytes
 
@@ -191,10 +194,7 @@ class ModelBank:
             if run.taxonomy.classes != self.classes:
                 raise CxrlensError(f"{run.run_dir} predicts {run.taxonomy.classes}, not {self.classes}")
         self.members: list[Member] = []
-        names: set[str] = set()
-        for run in runs:
-            name = run.name if run.name not in names else f"{run.name}-{len(names)}"
-            names.add(name)
+        for name, run in zip(unique_names(r.name for r in runs), runs, strict=True):
             value = STUDY_THRESHOLD if threshold == "study" else threshold
             t = np.broadcast_to(resolve_threshold(value, run.thresholds, run.run_dir), (len(self.classes),))
             self.members.append(Member(name, run, np.asarray(t, dtype=np.float64)))
@@ -274,43 +274,110 @@ class ModelBank:
             member.explainable = make_explainable(member.run.model, example)
         return member.explainable
 
-    def explain(self, tensors: dict[int, torch.Tensor], method: str, cls: str | int,
-                members: Sequence[str] | None = None) -> dict:
-        """Heat maps of ``method`` for class ``cls`` by each model (or the named ones)."""
-        from cxrlens.explain import attribute, get_method
+    def describe(self, method: str, cls: str | int) -> dict:
+        """What an explanation request asks for, checked before it is queued: RequestError 400 otherwise."""
+        from cxrlens.explain import get_method
 
         try:
             spec = get_method(method)
         except CxrlensError as exc:
             raise RequestError(400, str(exc)) from None
-        target = self.class_index(cls)
-        chosen = [m for m in self.members if members is None or m.name in members]
+        return {"method": spec.name, "description": spec.description, "cls": self.classes[self.class_index(cls)]}
+
+    def explain(self, tensors: dict[int, torch.Tensor], method: str, cls: str | int,
+                members: Sequence[str] | None = None, *, check: Callable[[], None] | None = None,
+                on_map: Callable[[dict], None] | None = None) -> dict:
+        """Heat maps of ``method`` for class ``cls`` by each model (or the named ones).
+
+        check: called before every forward pass of every model (it raises to stop the work, e.g. when
+        the client has gone); on_map: called with each model's map as soon as it is ready."""
+        header = self.describe(method, cls)
         maps = []
-        for m in chosen:
-            size = m.run.config.image_size
-            x = tensors[size][None]
-            params = web_params(method, size)
-            model = self._explain_model(m, method, params, x)
-            result = attribute(model, x, [target], method=method, model_name=m.run.config.model, max_batch=16,
-                               **params)
-            attr = result.maps[0, 0].detach().float().numpy()
-            score = float(result.scores[0, 0]) if result.scores is not None else None
-            maps.append({
-                "model": m.name,
-                "arch": m.run.config.model,
-                "xray": data_url(grey_png(tensors[size])),
-                "heatmap": data_url(png_bytes(heatmap_rgba(attr, bool(result.meta["signed"])))),
-                "signed": bool(result.meta["signed"]),
-                "score": score,
-                "seconds": round(float(result.meta.get("seconds", 0.0)), 3),
-                "params": {k: v for k, v in result.meta.get("params", {}).items() if v is not None},
-            })
+        for m in (m for m in self.members if members is None or m.name in members):
+            if check is not None:
+                check()
+            maps.append(self._explain_member(m, tensors, header, check))
+            if on_map is not None:
+                on_map(maps[-1])
+        return {**header, "maps": maps}
+
+    def _explain_member(self, member: Member, tensors: dict[int, torch.Tensor], header: dict,
+                        check: Callable[[], None] | None) -> dict:
+        from cxrlens.explain import attribute
+
+        method, size = header["method"], member.run.config.image_size
+        x = tensors[size][None]
+        params = web_params(method, size)
+        model = self._explain_model(member, method, params, x)
+        with _calling_before_forward(model, check):
+            result = attribute(model, x, [self.classes.index(header["cls"])], method=method,
+                               model_name=member.run.config.model, max_batch=16, **params)
+        signed = bool(result.meta["signed"])
+        attr = result.maps[0, 0].detach().float().numpy()
         return {
-            "method": spec.name,
-            "description": spec.description,
-            "cls": self.classes[target],
-            "maps": maps,
+            "model": member.name,
+            "arch": member.run.config.model,
+            "xray": data_url(grey_png(tensors[size])),
+            "heatmap": data_url(png_bytes(heatmap_rgba(attr, signed))),
+            "signed": signed,
+            "score": float(result.scores[0, 0]) if result.scores is not None else None,
+            "seconds": round(float(result.meta.get("seconds", 0.0)), 3),
+            "params": {k: v for k, v in result.meta.get("params", {}).items() if v is not None},
         }
+
+
+@contextmanager
+def _calling_before_forward(model: torch.nn.Module, check: Callable[[], None] | None) -> Iterator[None]:
+    """Run ``check`` before every forward pass of ``model``: the points between batches where long
+    work (occlusion's windows, IG's steps) can stop, without the attribution code knowing about it."""
+    if check is None:
+        yield
+        return
+    handle = model.register_forward_pre_hook(lambda module, args: check())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class ExplainProgress:
+    """An explanation as it grows, model by model, with an estimate of the time left.
+
+    The estimate uses each model's time for this method in earlier requests (``history``, shared by
+    the app) and, for models not seen yet, the mean of those finished in this request."""
+
+    def __init__(self, header: dict, models: Sequence[str], history: dict[tuple[str, str], float]) -> None:
+        self.header, self.models, self.history = header, list(models), history
+        self.maps: list[dict] = []
+        self.started: float | None = None
+        self._last: float | None = None
+
+    def start(self) -> None:
+        self.started = self._last = time.monotonic()
+
+    def add(self, map_: dict) -> None:
+        now = time.monotonic()
+        self.history[(self.header["method"], map_["model"])] = now - (self._last or now)
+        self._last = now
+        self.maps.append(map_)
+
+    def estimate(self) -> float | None:
+        """Seconds until the last model is done, or None while nothing is known to estimate from."""
+        if self.started is None or self._last is None:
+            return None
+        remaining = self.models[len(self.maps):]
+        if not remaining:
+            return 0.0
+        done = [self.history[(self.header["method"], m["model"])] for m in self.maps]
+        fallback = sum(done) / len(done) if done else None
+        times = [self.history.get((self.header["method"], name), fallback) for name in remaining]
+        if any(t is None for t in times):
+            return None
+        return max(sum(times) - (time.monotonic() - self._last), 0.0)
+
+    def snapshot(self) -> dict:
+        return {**self.header, "maps": list(self.maps), "models_total": len(self.models),
+                "models_done": len(self.maps), "estimate_seconds": self.estimate()}
 
 
 # --- a data set's test split ---------------------------------------------------------------------

@@ -19,6 +19,9 @@ from cxrlens.errors import CxrlensError
 
 SCORES = (1, 2, 3, 4, 5)  # 1 = looks elsewhere, 5 = looks at the pathology
 CSV_COLUMNS = ("rater", "time", "image_id", "cls", "model", "method", "score")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection); OWASP's advice:
+# prefix such a cell with a single quote and quote every text field.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ratings (
@@ -41,7 +44,9 @@ def fleiss_kappa(counts: Sequence[Sequence[int]]) -> float:
     Items with fewer than two ratings carry no agreement information and are ignored. Items may have
     different numbers of raters (each item's agreement is computed with its own n_i), which reduces
     to Fleiss (1971) when every item has the same number. Returns NaN when undefined (no usable
-    item, or every rating in one category).
+    item, or every rating in one category). Ours because statsmodels' ``fleiss_kappa`` requires the
+    same number of raters for every item, which a reader study rarely has; the tests check that both
+    agree where statsmodels applies.
     """
     rows = [[int(c) for c in row] for row in counts if sum(row) >= 2]
     if not rows:
@@ -55,6 +60,14 @@ def fleiss_kappa(counts: Sequence[Sequence[int]]) -> float:
     if math.isclose(p_e, 1.0):
         return float("nan")
     return (p_bar - p_e) / (1 - p_e)
+
+
+def csv_cell(value: object) -> object:
+    """A text cell that a spreadsheet would take for a formula gets a leading single quote (OWASP's
+    CSV-injection advice); numbers and other text are left as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 class RatingsStore:
@@ -100,10 +113,11 @@ class RatingsStore:
             return {r[0] for r in db.execute("SELECT DISTINCT image_id FROM ratings WHERE rater = ?", (rater,))}
 
     def to_csv(self) -> str:
+        """Every rating as CSV, safe to open in a spreadsheet (see :func:`csv_cell`)."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         writer.writeheader()
-        writer.writerows(self.rows())
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in self.rows())
         return buffer.getvalue()
 
     def summary(self) -> dict:

@@ -88,16 +88,20 @@ cx.Explainer = class {
     this.slider = cx.el("input", { type: "range", id: "opacity", min: "0", max: "100", value: "60" });
     this.sliderValue = cx.el("span", { id: "opacity-value", text: "60 %" });
     this.status = cx.el("div", { class: "status", id: "explain-status", role: "status" });
+    this.cancelButton = cx.el("button", { type: "button", id: "explain-cancel", class: "hidden", text: "Cancel" });
+    this.job = null;  // id of the job being shown
+    this.runs = 0;  // bumped by every new request, so that a superseded one stops updating the page
     this.maps = cx.el("div", { class: "heatmaps", id: "heatmaps" });
     this.caption = cx.el("p", { class: "note", id: "explain-caption" });
     const controls = cx.el("div", { class: "controls" },
       cx.el("label", {}, "method ", this.method),
       cx.el("label", {}, "class ", this.cls),
-      cx.el("label", {}, "heat-map opacity ", this.slider, " ", this.sliderValue));
+      cx.el("label", {}, "heat-map opacity ", this.slider, " ", this.sliderValue), this.cancelButton);
     container.append(cx.el("h2", { text: "Explanations" }), controls, this.status, this.maps, this.caption);
     this.method.addEventListener("change", () => this.run());
     this.cls.addEventListener("change", () => this.run());
     this.slider.addEventListener("input", () => this.applyOpacity());
+    this.cancelButton.addEventListener("click", () => this.cancel(true));
   }
 
   applyOpacity() {
@@ -113,33 +117,92 @@ cx.Explainer = class {
     await this.run();
   }
 
+  // Explaining is a job on the server: each model's map appears as soon as it is ready, with an
+  // estimate of the time left; Cancel (or asking for another method or class) stops it there too.
   async run() {
     if (!this.source) return;
+    const run = ++this.runs;
+    await this.cancel(false);
     const request = { ...this.source, method: this.method.value, cls: this.cls.value };
-    cx.status(this.status, "computing " + request.method.replace(/_/g, " ") + " maps for " + request.cls + " ...");
     this.maps.replaceChildren();
     this.caption.textContent = "";
+    cx.status(this.status, "starting " + request.method.replace(/_/g, " ") + " for " + request.cls + " ...");
     try {
-      const result = await cx.postJSON("/api/explain", request);
-      for (const m of result.maps) {
-        const overlay = cx.el("img", { class: "overlay", src: m.heatmap, alt: "heat map of " + m.model });
-        const stack = cx.el("div", { class: "stack" }, cx.el("img", { class: "xray-base", src: m.xray, alt: "input of " + m.model }), overlay);
-        const score = m.score === null ? "" : ", explained probability " + m.score.toFixed(3);
-        this.maps.append(cx.el("figure", { class: "heatmap" }, stack,
-          cx.el("figcaption", { text: m.model + " (" + m.arch + ")" + score + ", " + m.seconds.toFixed(2) + " s" })));
+      let job = await cx.postJSON("/api/jobs/explain", request);
+      if (run !== this.runs) { cx.cancelJob(job.id); return; }
+      this.job = job.id;
+      this.cancelButton.classList.remove("hidden");
+      while (run === this.runs) {
+        this.render(job);
+        if (job.state !== "queued" && job.state !== "running") break;
+        await cx.sleep(cx.pollMs);
+        if (run !== this.runs) return;
+        job = await cx.api("/api/jobs/" + job.id);
       }
-      this.applyOpacity();
-      const colours = result.maps.length && result.maps[0].signed
-        ? "blue = evidence against, red = evidence for" : "magma: bright = high attribution";
-      this.caption.textContent = result.method.replace(/_/g, " ") + " (" + result.description + ") for class " +
-        result.cls + ", computed on each model's input image; " + colours +
-        "; values clipped at the 99th percentile of |map|.";
-      cx.status(this.status, "");
     } catch (error) {
-      cx.status(this.status, error.message, true);
+      if (run === this.runs) cx.status(this.status, error.message, true);
+    } finally {
+      if (run === this.runs) { this.job = null; this.cancelButton.classList.add("hidden"); }
+    }
+  }
+
+  // show the maps that are new in this poll, and the job's state in the status line
+  render(job) {
+    for (const m of job.maps.slice(this.maps.children.length)) this.maps.append(this.figure(m));
+    this.applyOpacity();
+    const what = job.method.replace(/_/g, " ") + " for " + job.cls;
+    if (job.state === "queued") {
+      cx.status(this.status, what + (job.position ? ": waiting for " + job.position + " job(s) ahead ..." : ": starting ..."));
+    } else if (job.state === "running") {
+      const left = job.estimate_seconds === null ? "" : ", about " + Math.ceil(job.estimate_seconds) + " s left";
+      cx.status(this.status, what + ": " + job.models_done + " of " + job.models_total + " models done" + left + " ...");
+    } else if (job.state === "done") {
+      cx.status(this.status, "");
+      const colours = job.maps.length && job.maps[0].signed
+        ? "blue = evidence against, red = evidence for" : "magma: bright = high attribution";
+      this.caption.textContent = what.replace(" for ", " (" + job.description + ") for class ") +
+        ", computed on each model's input image; " + colours + "; values clipped at the 99th percentile of |map|.";
+    } else if (job.state === "cancelled") {
+      cx.status(this.status, what + ": cancelled after " + job.models_done + " of " + job.models_total + " models");
+    } else {
+      cx.status(this.status, job.error || "the explanation failed", true);
+    }
+  }
+
+  figure(m) {
+    const overlay = cx.el("img", { class: "overlay", src: m.heatmap, alt: "heat map of " + m.model });
+    const stack = cx.el("div", { class: "stack" }, cx.el("img", { class: "xray-base", src: m.xray, alt: "input of " + m.model }), overlay);
+    const score = m.score === null ? "" : ", explained probability " + m.score.toFixed(3);
+    return cx.el("figure", { class: "heatmap" }, stack,
+      cx.el("figcaption", { text: m.model + " (" + m.arch + ")" + score + ", " + m.seconds.toFixed(2) + " s" }));
+  }
+
+  // stop the running job, if any; the server frees its worker at the next forward pass
+  async cancel(byUser) {
+    const id = this.job;
+    if (!id) return;
+    this.job = null;
+    this.cancelButton.classList.add("hidden");
+    if (byUser) {
+      const run = ++this.runs;
+      cx.status(this.status, "cancelling ...");
+      const job = await cx.cancelJob(id);
+      if (run !== this.runs) return;
+      let state = job;
+      while (state && state.state === "running" && run === this.runs) {  // until the worker has stopped
+        await cx.sleep(cx.pollMs);
+        state = await cx.api("/api/jobs/" + id).catch(() => null);
+      }
+      if (state && run === this.runs) this.render(state);
+    } else {
+      cx.cancelJob(id);
     }
   }
 };
+
+cx.pollMs = 300;
+cx.sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+cx.cancelJob = (id) => cx.api("/api/jobs/" + id, { method: "DELETE" }).catch(() => null);
 
 cx.topClass = function (result) {
   const soft = result.ensembles[0].probs;
