@@ -285,17 +285,21 @@ def evaluate_run(
     threshold: str | float = STUDY_THRESHOLD,
     out: str | Path | None = None,
     progress: bool = True,
+    allow_leaks: bool = False,
 ) -> dict:
-    """Evaluate a run's best model on a split of its own data or of another data set."""
+    """Evaluate a run's best model on a split of its own data or of another data set. Images the run was
+    trained on are refused unless ``allow_leaks`` (see ``cxrlens.audit.check_evaluation_data``)."""
+    from cxrlens.audit import check_evaluation_data
     from cxrlens.data import load_manifest
     from cxrlens.runs import load_run
 
     run = load_run(run_dir)
     manifest = load_manifest(data or run.config.data or None, run.taxonomy).split(split)
     thresholds = resolve_threshold(threshold, run.thresholds, run.run_dir)
+    leaks = check_evaluation_data(run.config, manifest, allow_leaks, progress)
     probs = predict_manifest(run, manifest, progress=progress)
     out_dir = Path(out) if out else run.run_dir / f"eval-{split or 'all'}"
-    return write_evaluation(
+    metrics = write_evaluation(
         out_dir,
         f"{run.config.model} on {manifest.origin.name} [{split or 'all'}]",
         probs,
@@ -304,3 +308,7 @@ def evaluate_run(
         run.taxonomy.classes,
         thresholds,
     )
+    if leaks:  # recorded beside the numbers they inflate
+        metrics["leaks_allowed"] = leaks
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
