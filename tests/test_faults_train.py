@@ -126,6 +126,7 @@ def resume_in_this_process(monkeypatch, capsys, run_dir: Path) -> None:
 # --- 1. a killed training loses nothing ------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess (about 5 s to import torch and Lightning) and a few epochs
 @pytest.mark.timeout(300)
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_run(tiny_data, reference_run, tmp_path, monkeypatch,
                                                                      capsys):
@@ -165,6 +166,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_run(tiny_data, re
     assert not list(run_dir.glob(".*")), "temporary files left behind"
 
 
+@pytest.mark.slow  # a subprocess (about 5 s to import torch and Lightning) and a few epochs
 @pytest.mark.timeout(300)
 def test_death_while_writing_a_checkpoint_resumes_from_the_previous_epoch(tiny_data, reference_run, tmp_path,
                                                                           monkeypatch, capsys):
@@ -414,6 +416,7 @@ def _limit_file_size():  # runs in the child before exec: writes past 4 MB fail 
     resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
 
+@pytest.mark.slow  # a subprocess (about 5 s to import torch and Lightning) and a few epochs
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault", ["full tmpfs (ENOSPC)", "file-size limit (EFBIG)"])
 def test_a_full_disk_is_one_line_and_a_failed_fresh_run_leaves_nothing(fault, tiny_data, tmp_path):
@@ -440,3 +443,30 @@ def test_a_full_disk_is_one_line_and_a_failed_fresh_run_leaves_nothing(fault, ti
         reason = "file too large"
     assert_one_error_line(result.returncode, result.stderr, "cannot write", reason,
                           "free some space or choose another output folder")
+
+
+def test_cohen_metadata_with_files_not_in_the_download(tmp_path, monkeypatch, capsys):
+    """Cohen's metadata.csv lists images its download lacks: an error with the count and the first rows,
+    and --skip-missing leaves them out (here on the way to a split, which Cohen's format lacks)."""
+    rows = real_rows({"covid": 6, "normal": 4})
+    (tmp_path / "images").mkdir()
+    for path in rows["path"]:
+        shutil.copy(path, tmp_path / "images")
+    names = [Path(p).name for p in rows["path"]]
+    metadata = pd.DataFrame({
+        "patientid": [f"p{i}" for i in range(14)],
+        "finding": ["Pneumonia/Viral/COVID-19"] * 8 + ["No Finding"] * 6,
+        "view": ["PA"] * 14,
+        "filename": names[:6] + ["gone-1.png", "gone-2.png"] + names[6:] + ["gone-3.png", "gone-4.png"],
+    })
+    metadata.to_csv(tmp_path / "metadata.csv", index=False)
+    out = tmp_path / "labels.csv"
+    code, _, err = run_cli(monkeypatch, capsys, "split", "--data", str(tmp_path), "--out", str(out))
+    assert_one_error_line(code, err, "metadata.csv: 4 of 14 image files are missing (row 8: ", "gone-1.png; row 9: ",
+                          "gone-2.png; row 14: ", "; ...); restore them", "--skip-missing")
+    assert not out.exists()
+    code, stdout, err = run_cli(monkeypatch, capsys, "split", "--data", str(tmp_path), "--out", str(out),
+                                "--skip-missing", "--fractions", "0.5,0.5", "--names", "train,val")
+    assert code == 0, err
+    assert "4 rows with a missing image left out" in stdout
+    assert sorted(Path(p).name for p in pd.read_csv(out)["path"]) == sorted(names)

@@ -152,6 +152,9 @@ def split(
     names: Annotated[str, typer.Option(help="e.g. train,val,test or train,test")] = "train,val,test",
     seed: int = 0,
     taxonomy: str = "cxr3",
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="leave out rows whose image is missing")] = (
+        False
+    ),
 ) -> None:
     """Write a manifest with a new patient-level split, stratified by class."""
     from cxrlens.data import load_manifest, patient_split, write_manifest
@@ -161,9 +164,11 @@ def split(
         parts = tuple(float(f) for f in fractions.split(","))
     except ValueError:
         raise CxrlensError(f"--fractions must be numbers separated by commas, not '{fractions}'") from None
-    manifest = patient_split(load_manifest(data, get_taxonomy(taxonomy)), parts, tuple(names.split(",")), seed)
+    manifest = load_manifest(data, get_taxonomy(taxonomy), missing="skip" if skip_missing else "error")
+    left_out = f"; {len(manifest.missing)} rows with a missing image left out" if manifest.missing else ""
+    manifest = patient_split(manifest, parts, tuple(names.split(",")), seed)
     write_manifest(manifest, out)
-    typer.echo(f"{out}: {manifest.frame['split'].value_counts().to_dict()}")
+    typer.echo(f"{out}: {manifest.frame['split'].value_counts().to_dict()}{left_out}")
 
 
 @app.command()

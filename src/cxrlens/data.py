@@ -203,11 +203,11 @@ def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3, m
     if len(gone) == 1 and missing != "skip":
         raise CxrlensError(
             f"{manifest.origin}, row {gone[0][0]}: image file missing: {gone[0][1]}; restore it, remove the row, "
-            "or pass --skip-missing to train without it"
+            "or pass --skip-missing to leave it out"
         )
     if gone and (missing != "skip" or not len(manifest)):
         shown = "; ".join(f"row {row}: {path}" for row, path in gone[:3]) + ("; ..." if len(gone) > 3 else "")
-        fix = "restore them, remove their rows, or pass --skip-missing to train without them"
+        fix = "restore them, remove their rows, or pass --skip-missing to leave them out"
         raise CxrlensError(
             f"{manifest.origin}: {len(gone)} of {total} image files are missing ({shown}); "
             + (fix if len(manifest) else "is the manifest in the folder its paths start from?")
