@@ -379,13 +379,20 @@ def test_broken_run_files_are_one_line(file, content, fragments, run_copy, monke
     assert not (run_copy / "e").exists()
 
 
+def test_evaluate_into_an_output_that_cannot_be_created(reference_run, tiny_data, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--run", str(reference_run), "--split", "val",
+                           "--out", str(tmp_path / "a-file" / "eval"))
+    assert_one_error_line(code, err, "cannot create the folder", "a-file/eval: Not a directory", "choose another --out")
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
         (["--image-size", "8"], ["--image-size: input should be greater than or equal to 16 (got 8)"]),
         (["--schedule", "linear", "--lr", "0"], ["--lr: input should be greater than 0", "--schedule: input"]),
         (["--checkpoint-every", "-1"], ["--checkpoint-every: input should be greater than or equal to 0"]),
-        (["--out", "{file}/run"], ["cannot create the run folder", "Not a directory", "choose another --out"]),
+        (["--out", "{file}/run"], ["cannot create the folder", "Not a directory", "choose another --out"]),
         (["--resume"], ["nothing to resume in", "(no resume.ckpt)"]),
         (["--data", "{tmp}/corrupt.csv"], ["cannot read image", "bad.jpg", "replace the file or remove its row"]),
     ],

@@ -8,6 +8,7 @@ computation exactly); AUROC and ROC curves come from torchmetrics.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -291,23 +292,29 @@ def evaluate_run(
     trained on are refused unless ``allow_leaks`` (see ``cxrlens.audit.check_evaluation_data``)."""
     from cxrlens.audit import check_evaluation_data
     from cxrlens.data import load_manifest
-    from cxrlens.runs import load_run
+    from cxrlens.runs import load_run, make_output_folder
 
     run = load_run(run_dir)
     manifest = load_manifest(data or run.config.data or None, run.taxonomy).split(split)
     thresholds = resolve_threshold(threshold, run.thresholds, run.run_dir)
     leaks = check_evaluation_data(run.config, manifest, allow_leaks, progress)
-    probs = predict_manifest(run, manifest, progress=progress)
     out_dir = Path(out) if out else run.run_dir / f"eval-{split or 'all'}"
-    metrics = write_evaluation(
-        out_dir,
-        f"{run.config.model} on {manifest.origin.name} [{split or 'all'}]",
-        probs,
-        manifest.targets,
-        manifest.frame,
-        run.taxonomy.classes,
-        thresholds,
-    )
+    created = make_output_folder(out_dir)  # before the slow part: an impossible --out fails at once
+    try:
+        probs = predict_manifest(run, manifest, progress=progress)
+        metrics = write_evaluation(
+            out_dir,
+            f"{run.config.model} on {manifest.origin.name} [{split or 'all'}]",
+            probs,
+            manifest.targets,
+            manifest.frame,
+            run.taxonomy.classes,
+            thresholds,
+        )
+    except BaseException:
+        if created:  # a failed evaluation leaves no folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     if leaks:  # recorded beside the numbers they inflate
         metrics["leaks_allowed"] = leaks
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))

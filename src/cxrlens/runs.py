@@ -129,6 +129,19 @@ def file_system_error(exc: OSError, path: str | Path) -> CxrlensError | None:
     return CxrlensError(f"cannot write {path}: {reason}; free some space or choose another output folder")
 
 
+def make_output_folder(folder: str | Path, option: str = "--out") -> bool:
+    """Create an output folder, or say in one line why it cannot be; True if it did not exist before."""
+    folder = Path(folder)
+    existed = folder.is_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_system_error(exc, folder) or CxrlensError(
+            f"cannot create the folder {folder}: {exc.strerror or exc}; choose another {option}"
+        ) from None
+    return not existed
+
+
 @contextmanager
 def atomic_open(path: str | Path, durable: bool = False) -> Iterator[IO[bytes]]:
     """A binary file handle to a temporary file in ``path``'s folder, renamed to ``path`` when the block

@@ -41,7 +41,7 @@ from cxrlens.runs import (
     atomic_open,
     atomic_write_bytes,
     atomic_write_text,
-    file_system_error,
+    make_output_folder,
     remove_stale_temporaries,
     save_model_weights,
 )
@@ -461,18 +461,6 @@ def _check_resumable(config: TrainConfig, run_dir: Path, checkpoint: dict) -> No
 # --- training -----------------------------------------------------------------------------------------
 
 
-def _create_run_folder(run_dir: Path) -> bool:
-    """Create ``run_dir`` (one line on failure); True if it did not exist before."""
-    existed = run_dir.is_dir()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise file_system_error(exc, run_dir) or CxrlensError(
-            f"cannot create the run folder {run_dir}: {exc.strerror or exc}; choose another --out"
-        ) from None
-    return not existed
-
-
 def _remove_failed_run(run_dir: Path, created: bool) -> None:
     """A fresh run that failed before its first checkpoint leaves nothing behind."""
     if rank_zero_only.rank != 0 or (run_dir / RESUME_FILE).exists():
@@ -502,7 +490,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         _check_resumable(config, run_dir, checkpoint)
     train_loader, val_loader = make_loaders(config, manifest)
     module = Classifier(config, steps_per_epoch=len(train_loader) // max(1, config.devices))
-    created = _create_run_folder(run_dir)
+    created = make_output_folder(run_dir)
     try:
         if checkpoint is not None and rank_zero_only.rank == 0:
             settle_run_folder(run_dir, checkpoint)
