@@ -35,7 +35,7 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="resnet18, resnet34, inception_v3, inception_resnet_v2, densenet161", show_default=_default("model")
+            help="a registered architecture (list them with `cxrlens models`)", show_default=_default("model")
         ),
     ] = None,
     data: Annotated[
