@@ -3,6 +3,10 @@
 A run folder holds ``config.json`` (``TrainConfig``), ``best.safetensors`` (lowest validation
 loss), ``last.safetensors``, ``history.csv`` (one row per epoch), ``thresholds.json`` (per-class
 thresholds chosen on the validation split) and Lightning's ``resume.ckpt`` for ``--resume``.
+
+Every file is written through ``atomic_open`` (a temporary file in the same folder, then a rename),
+so a kill at any instant leaves either the previous or the new version; a full disk or a permission
+problem becomes one ``CxrlensError`` line.
 """
 
 from __future__ import annotations
@@ -81,8 +85,9 @@ class TrainConfig:
         Unknown keys are ignored (configs of later versions). The error names ``where`` and the fields,
         as command-line options if ``options``."""
         known = {f.name for f in fields(cls)}
+        values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in values.items() if k in known}
         try:
-            return _CONFIG_ADAPTER.validate_python({k: v for k, v in values.items() if k in known})
+            return _CONFIG_ADAPTER.validate_python(values)
         except ValidationError as exc:
             problems = []
             for e in exc.errors()[:4]:
