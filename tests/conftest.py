@@ -50,3 +50,11 @@ def make_run(path: Path, seed: int, size: int = 64) -> Path:
     TrainConfig(model="resnet18", image_size=size, out=str(path)).save(path)
     save_model_weights(create_model("resnet18", 3), path / "best.safetensors")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_audit_cache(tmp_path_factory):
+    """The data audit caches what it read of each image; tests keep that cache out of the user's folder."""
+    import os
+
+    os.environ["CXRLENS_CACHE_DIR"] = str(tmp_path_factory.mktemp("audit-cache"))

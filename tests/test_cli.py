@@ -58,8 +58,9 @@ def test_evaluate_writes_metrics_and_plots(tiny_runs, tmp_path, monkeypatch, cap
 
 
 def test_evaluate_on_external_folder_data(tiny_runs, tmp_path, monkeypatch, capsys):
-    """External validation: a hospital's folder-per-class images without a split column."""
-    frame = pd.read_csv(CXR3 / "labels.csv")
+    """External validation: a hospital's folder-per-class images without a split column (images the run has
+    not seen: copies of its training images would be refused as leaks)."""
+    frame = pd.read_csv(CXR3 / "labels.csv").query("split == 'test'")
     for cls, folder in (("covid", "COVID"), ("normal", "Normal")):
         (tmp_path / "ext" / folder).mkdir(parents=True)
         for p in frame.loc[frame["cls"] == cls, "path"].head(3):

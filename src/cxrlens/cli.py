@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cxrlens.errors import CxrlensError
+from cxrlens.runs import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -18,60 +19,74 @@ app = typer.Typer(
 )
 
 
+# Defaults of `train` live in TrainConfig: every option is None unless given, so `--resume` knows what was given.
+_TRAIN = TrainConfig()
+
+
+def _default(name: str) -> str:
+    value = getattr(_TRAIN, name)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None or value == "" else str(value)
+
+
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="a registered architecture (list them with `cxrlens models`)")] = (
-        "resnet18"
-    ),
-    data: Annotated[str, typer.Option(help="data folder or manifest (default: bundled data/cxr3)")] = "",
-    out: Annotated[str, typer.Option(help="run folder to write")] = "runs/resnet18",
-    taxonomy: Annotated[str, typer.Option(help="cxr3 or paper14")] = "cxr3",
-    epochs: int = 20,
-    image_size: int = 224,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="a registered architecture (list them with `cxrlens models`)", show_default=_default("model")
+        ),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="data folder or manifest (default: bundled data/cxr3)", show_default=False)
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="run folder to write", show_default=_default("out"))] = None,
+    taxonomy: Annotated[str | None, typer.Option(help="cxr3 or paper14", show_default=_default("taxonomy"))] = None,
+    epochs: Annotated[int | None, typer.Option(show_default=_default("epochs"))] = None,
+    image_size: Annotated[int | None, typer.Option(show_default=_default("image_size"))] = None,
+    batch_size: Annotated[int | None, typer.Option(show_default=_default("batch_size"))] = None,
+    lr: Annotated[float | None, typer.Option(show_default=_default("lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(show_default=_default("weight_decay"))] = None,
     max_images: Annotated[int | None, typer.Option(help="use at most this many training images")] = None,
-    seed: int = 1701,
+    seed: Annotated[int | None, typer.Option(show_default=_default("seed"))] = None,
     weights: Annotated[str | None, typer.Option(help="local pretrained weights (.safetensors or .pth)")] = None,
-    precision: Annotated[str, typer.Option(help="32-true, bf16-mixed, 16-mixed")] = "32-true",
-    devices: int = 1,
-    accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu")] = "auto",
-    augment: Annotated[bool, typer.Option(help="X-ray-safe augmentation")] = True,
-    schedule: Annotated[str, typer.Option(help="cosine or constant")] = "cosine",
-    early_stopping: Annotated[int, typer.Option(help="patience in epochs; 0 = off")] = 0,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    precision: Annotated[
+        str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed", show_default=_default("precision"))
+    ] = None,
+    devices: Annotated[int | None, typer.Option(show_default=_default("devices"))] = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto, cpu, gpu", show_default=_default("accelerator"))] = (
+        None
+    ),
+    augment: Annotated[bool | None, typer.Option(help="X-ray-safe augmentation", show_default=_default("augment"))] = (
+        None
+    ),
+    schedule: Annotated[str | None, typer.Option(help="cosine or constant", show_default=_default("schedule"))] = None,
+    early_stopping: Annotated[
+        int | None, typer.Option(help="patience in epochs; 0 = off", show_default=_default("early_stopping"))
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(help="also save resume.ckpt every N steps; 0 = at epoch ends", show_default=_default(
+            "checkpoint_every")),
+    ] = None,
+    allow_leaks: Annotated[
+        bool | None, typer.Option("--allow-leaks", help="train although splits share images or patients (recorded)")
+    ] = None,
+    skip_missing: Annotated[
+        bool | None, typer.Option("--skip-missing", help="train without rows whose image is missing (recorded)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out with its saved settings")] = False,
 ) -> None:
-    """Train one model and write a run folder (weights, config, history, thresholds)."""
-    from cxrlens.models import get_spec
-    from cxrlens.runs import TrainConfig
-    from cxrlens.taxonomy import get_taxonomy
+    """Train one model and write a run folder (weights, config, history, thresholds, resume.ckpt)."""
+    from cxrlens.train import resume_config
     from cxrlens.train import train as train_model
 
-    get_spec(model)  # unknown names fail before any data is read
-    get_taxonomy(taxonomy)
-    if schedule not in ("cosine", "constant"):
-        raise CxrlensError(f"--schedule must be cosine or constant, not '{schedule}'")
-    config = TrainConfig(
-        model=model,
-        data=data,
-        out=out,
-        taxonomy=taxonomy,
-        epochs=epochs,
-        image_size=image_size,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        max_images=max_images,
-        seed=seed,
-        weights=weights,
-        precision=precision,
-        devices=devices,
-        accelerator=accelerator,
-        augment=augment,
-        schedule=schedule,
-        early_stopping=early_stopping,
-    )
+    given = {k: v for k, v in locals().items() if k in _TRAIN.__dict__ and v is not None}
+    if resume:
+        config = resume_config(given.get("out", _TRAIN.out), given)
+    else:
+        config = TrainConfig.validate({**_TRAIN.__dict__, **given}, options=True)
     run_dir = train_model(config, resume=resume)
     typer.echo(f"run written to {run_dir}")
 
@@ -83,13 +98,31 @@ def evaluate(
     split: Annotated[str, typer.Option(help="split to evaluate; 'all' for every image")] = "test",
     threshold: Annotated[str, typer.Option(help="number, or 'tuned' for thresholds chosen on val")] = "0.51",
     out: Annotated[str | None, typer.Option(help="output folder (default RUN/eval-SPLIT)")] = None,
+    allow_leaks: Annotated[
+        bool, typer.Option("--allow-leaks", help="evaluate although the images overlap the training data")
+    ] = False,
 ) -> None:
     """Per-class metrics of a run on a split, with plots."""
     from cxrlens.evaluate import evaluate_run
 
-    metrics = evaluate_run(run, data, None if split == "all" else split, threshold, out)
+    metrics = evaluate_run(run, data, None if split == "all" else split, threshold, out, allow_leaks=allow_leaks)
     f1 = ", ".join(f"{c} {m['f1']:.3f}" for c, m in metrics["classes"].items())
     typer.echo(f"F1: {f1}; micro {metrics['micro']['f1']:.3f}, macro {metrics['macro']['f1']:.3f}")
+
+
+@app.command("check-data")
+def check_data(
+    data: Annotated[str | None, typer.Option(help="data folder or manifest (default: bundled data/cxr3)")] = None,
+    out: Annotated[str | None, typer.Option(help="folder for audit.json and audit.md")] = None,
+    taxonomy: str = "cxr3",
+) -> None:
+    """Audit a data set: counts per split and class, missing/unreadable files, duplicates, leaks, image sizes."""
+    from cxrlens.audit import audit_data, audit_summary, write_audit
+
+    audit = audit_data(data, taxonomy)
+    typer.echo(audit_summary(audit))
+    if out:
+        typer.echo(f"audit written to {write_audit(audit, out)}")
 
 
 @app.command()
@@ -119,6 +152,9 @@ def split(
     names: Annotated[str, typer.Option(help="e.g. train,val,test or train,test")] = "train,val,test",
     seed: int = 0,
     taxonomy: str = "cxr3",
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="leave out rows whose image is missing")] = (
+        False
+    ),
 ) -> None:
     """Write a manifest with a new patient-level split, stratified by class."""
     from cxrlens.data import load_manifest, patient_split, write_manifest
@@ -128,9 +164,11 @@ def split(
         parts = tuple(float(f) for f in fractions.split(","))
     except ValueError:
         raise CxrlensError(f"--fractions must be numbers separated by commas, not '{fractions}'") from None
-    manifest = patient_split(load_manifest(data, get_taxonomy(taxonomy)), parts, tuple(names.split(",")), seed)
+    manifest = load_manifest(data, get_taxonomy(taxonomy), missing="skip" if skip_missing else "error")
+    left_out = f"; {len(manifest.missing)} rows with a missing image left out" if manifest.missing else ""
+    manifest = patient_split(manifest, parts, tuple(names.split(",")), seed)
     write_manifest(manifest, out)
-    typer.echo(f"{out}: {manifest.frame['split'].value_counts().to_dict()}")
+    typer.echo(f"{out}: {manifest.frame['split'].value_counts().to_dict()}{left_out}")
 
 
 @app.command()

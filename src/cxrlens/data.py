@@ -14,7 +14,7 @@ Three manifest formats are read into one ``Manifest`` (a table with absolute ``p
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +159,11 @@ def load_image_tensor(path: str | Path, size: int = 224) -> torch.Tensor:
 class Manifest:
     """A table of images with derived multi-label targets."""
 
-    frame: pd.DataFrame  # columns: path (absolute), patient_group, split (may be ''), source, finding
+    frame: pd.DataFrame  # columns: path (absolute), patient_group, split (may be ''), source, finding, _row
     targets: np.ndarray  # [n, num_classes] float32 0/1
     taxonomy: Taxonomy
     origin: Path  # the file or folder it was read from
+    missing: list[tuple[int, str]] = field(default_factory=list)  # (CSV line, path) of rows whose file is missing
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -195,15 +196,36 @@ class Manifest:
         return {c: int(v) for c, v in zip(self.taxonomy.classes, self.targets.sum(0), strict=True)}
 
 
-def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3) -> Manifest:
-    """Read a data set in any supported format; ``source`` is a CSV file or a folder."""
+def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3, missing: str = "error") -> Manifest:
+    """Read a data set in any supported format; ``source`` is a CSV file or a folder.
+
+    Rows whose image file does not exist are an error naming how many and the first few
+    (``missing="error"``), or are left out and listed in ``Manifest.missing`` (``missing="skip"``)."""
+    manifest = _load_manifest(source, taxonomy)
+    gone, total = manifest.missing, len(manifest) + len(manifest.missing)
+    if len(gone) == 1 and missing != "skip":
+        raise CxrlensError(
+            f"{manifest.origin}, row {gone[0][0]}: image file missing: {gone[0][1]}; restore it, remove the row, "
+            "or pass --skip-missing to leave it out"
+        )
+    if gone and (missing != "skip" or not len(manifest)):
+        shown = "; ".join(f"row {row}: {path}" for row, path in gone[:3]) + ("; ..." if len(gone) > 3 else "")
+        fix = "restore them, remove their rows, or pass --skip-missing to leave them out"
+        raise CxrlensError(
+            f"{manifest.origin}: {len(gone)} of {total} image files are missing ({shown}); "
+            + (fix if len(manifest) else "is the manifest in the folder its paths start from?")
+        )
+    return manifest
+
+
+def _load_manifest(source: str | Path | None, taxonomy: Taxonomy) -> Manifest:
     source = Path(source) if source is not None else DEFAULT_DATA
     if not source.exists():
         raise CxrlensError(f"data not found: {source}; give a folder or a labels CSV")
     if source.is_dir():
         for name in ("labels.csv", "metadata.csv"):
             if (source / name).is_file():
-                return load_manifest(source / name, taxonomy)
+                return _load_manifest(source / name, taxonomy)
         return _read_class_folders(source, taxonomy)
     try:
         frame = pd.read_csv(source, dtype=str, keep_default_na=False)
@@ -221,7 +243,8 @@ def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3) -
 
 
 def _finish(rows: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
-    """Derive targets, check files exist, fill optional columns. Errors name the CSV line (``_line``)."""
+    """Derive targets, set missing files aside, fill optional columns. Errors name the CSV line (``_line``),
+    kept as column ``_row`` (0 for images found in class folders) so later checks can name rows too."""
     lines = rows.pop("_line").tolist() if "_line" in rows else [i + 2 for i in range(len(rows))]
     targets = np.zeros((len(rows), taxonomy.num_classes), dtype=np.float32)
     for i, finding in enumerate(rows["finding"]):
@@ -232,9 +255,10 @@ def _finish(rows: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
                 f"{source}, row {lines[i]}: unknown label '{finding}'; taxonomy '{taxonomy.name}' knows "
                 f"{', '.join(taxonomy.classes)} (use --taxonomy or fix the row)"
             ) from None
-    for i, path in enumerate(rows["path"]):
-        if not os.path.isfile(path):
-            raise CxrlensError(f"{source}, row {lines[i]}: image file missing: {path}")
+    present = np.array([os.path.isfile(path) for path in rows["path"]], dtype=bool)
+    missing = [(int(line), path) for line, path, ok in zip(lines, rows["path"], present, strict=True) if not ok]
+    rows, targets = rows[present].copy(), targets[present]
+    rows["_row"] = np.asarray(lines, dtype=int)[present] if source.is_file() else 0
     for column, default in (("split", ""), ("source", "unknown")):
         if column not in rows:
             rows[column] = default
@@ -242,7 +266,7 @@ def _finish(rows: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
         rows["patient_group"] = rows["patient_id"] if "patient_id" in rows else rows["path"]
     rows["patient_group"] = rows["patient_group"].astype(str).where(rows["patient_group"] != "", rows["path"])
     rows["split"] = rows["split"].astype(str).str.strip().str.lower()
-    return Manifest(rows.reset_index(drop=True), targets, taxonomy, source)
+    return Manifest(rows.reset_index(drop=True), targets, taxonomy, source, missing)
 
 
 def _read_labels_csv(frame: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
@@ -388,6 +412,7 @@ class XrayDataset(Dataset):
         tensor = self.preprocess(read_image(self.manifest.frame["path"].iat[index]))
         if self.cache is not None:
             self.cache[index] = tensor.half()
+            return self.cache[index].float()  # the values of every later epoch (and of a resumed run's first)
         return tensor
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +427,7 @@ def write_manifest(manifest: Manifest, out: str | Path) -> None:
     from cxrlens.runs import atomic_write_text
 
     out = Path(out).resolve()
-    frame = manifest.frame.copy()
+    frame = manifest.frame.drop(columns=["_row"], errors="ignore")
     frame["path"] = [os.path.relpath(p, out.parent) for p in frame["path"]]
     if "cls" not in frame:
         frame["cls"] = frame["finding"]

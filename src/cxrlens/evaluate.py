@@ -7,6 +7,7 @@ computation exactly); AUROC and ROC curves come from torchmetrics.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -268,22 +269,36 @@ def evaluate_run(
     threshold: str | float = STUDY_THRESHOLD,
     out: str | Path | None = None,
     progress: bool = True,
+    allow_leaks: bool = False,
 ) -> dict:
-    """Evaluate a run's best model on a split of its own data or of another data set."""
+    """Evaluate a run's best model on a split of its own data or of another data set. Images the run was
+    trained on are refused unless ``allow_leaks`` (see ``cxrlens.audit.check_evaluation_data``)."""
+    from cxrlens.audit import check_evaluation_data
     from cxrlens.data import load_manifest
-    from cxrlens.runs import load_run
+    from cxrlens.runs import load_run, make_output_folder
 
     run = load_run(run_dir)
     manifest = load_manifest(data or run.config.data or None, run.taxonomy).split(split)
     thresholds = resolve_threshold(threshold, run.thresholds, run.run_dir)
-    probs = predict_manifest(run, manifest, progress=progress)
+    leaks = check_evaluation_data(run.config, manifest, allow_leaks, progress)
     out_dir = Path(out) if out else run.run_dir / f"eval-{split or 'all'}"
-    return write_evaluation(
-        out_dir,
-        f"{run.config.model} on {manifest.origin.name} [{split or 'all'}]",
-        probs,
-        manifest.targets,
-        manifest.frame,
-        run.taxonomy.classes,
-        thresholds,
-    )
+    created = make_output_folder(out_dir)  # before the slow part: an impossible --out fails at once
+    try:
+        probs = predict_manifest(run, manifest, progress=progress)
+        metrics = write_evaluation(
+            out_dir,
+            f"{run.config.model} on {manifest.origin.name} [{split or 'all'}]",
+            probs,
+            manifest.targets,
+            manifest.frame,
+            run.taxonomy.classes,
+            thresholds,
+        )
+    except BaseException:
+        if created:  # a failed evaluation leaves no folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if leaks:  # recorded beside the numbers they inflate
+        metrics["leaks_allowed"] = leaks
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics
