@@ -58,3 +58,29 @@ def private_audit_cache(tmp_path_factory):
     import os
 
     os.environ["CXRLENS_CACHE_DIR"] = str(tmp_path_factory.mktemp("audit-cache"))
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``cxrlens ARGS`` in this process, through the real entry point: (exit status, stdout, stderr)."""
+    import sys
+
+    from cxrlens.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cxrlens", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
+    """Exit status 2 and exactly one ``error:`` line on stderr, no traceback, naming every fragment."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pandas as pd
 import pytest
-from conftest import CXR3
+from conftest import CXR3, run_cli
 
-from cxrlens.cli import main
 from cxrlens.runs import TrainConfig
 from cxrlens.train import train
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cxrlens", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ the scorecard and the web app's method list."""
 from __future__ import annotations
 
 import json
-import sys
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CXR3, XRAY
+from conftest import CXR3, XRAY, run_cli
 from torch import nn
 
 from cxrlens.explain import METHODS, ExplainConfig, MethodContext, MethodResult, UiParam, attribute, register_method
@@ -119,17 +118,12 @@ def test_toy_model_spec_drives_training_demo_and_grad_cam(toy_run) -> None:
 
 
 def test_cli_explain_with_toy_model_and_method(toy_run, tmp_path, monkeypatch, capsys) -> None:
-    from cxrlens.cli import main
-
     out = tmp_path / "explain"
-    monkeypatch.setattr(sys, "argv", ["cxrlens", "explain", "--run", str(toy_run), "--data", str(CXR3),
-                                      "--max-images", "2", "--methods", f"{TOY_METHOD},grad_cam,saliency",
-                                      "--targets", "COVID-19,Normal", "--out", str(out)])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    printed = capsys.readouterr()
-    assert exited.value.code in (0, None), printed.err
-    assert "explained 2 image(s) with 1 model(s)" in printed.out
+    code, stdout, err = run_cli(monkeypatch, capsys, "explain", "--run", str(toy_run), "--data", str(CXR3),
+                                "--max-images", "2", "--methods", f"{TOY_METHOD},grad_cam,saliency",
+                                "--targets", "COVID-19,Normal", "--out", str(out))
+    assert code == 0, err
+    assert "explained 2 image(s) with 1 model(s)" in stdout
     summary = json.loads((out / "summary.json").read_text())
     methods = summary["models"][TOY_MODEL]["methods"]
     assert methods[TOY_METHOD]["params"] == {"power": 2.0, "guided": False} and methods[TOY_METHOD]["signed"] is False

@@ -19,11 +19,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import CXR3
+from conftest import CXR3, assert_one_error_line, run_cli
 from safetensors.torch import load_file
 
 import cxrlens
-from cxrlens.cli import main
 
 DRIVER = Path(__file__).with_name("train_fault_driver.py")
 SRC = Path(cxrlens.__file__).resolve().parents[1]
@@ -43,24 +42,8 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cxrlens", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 def real_rows(per_class: dict[str, int], split: str = "train") -> pd.DataFrame:

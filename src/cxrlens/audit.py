@@ -33,6 +33,7 @@ from PIL import Image
 
 from cxrlens.data import Manifest, read_image
 from cxrlens.errors import CxrlensError
+from cxrlens.io import progress_bar
 
 NEAR_DUPLICATE_BITS = 6  # Hamming distance of the 256-bit difference hashes (data/cxr3/README.md)
 SHOWN = 3  # problems named in an error line; the rest are counted
@@ -216,13 +217,10 @@ class FactsCache:
 
 
 def collect_facts(paths: list[str], progress: bool = True) -> list[ImageFacts]:
-    from tqdm.auto import tqdm
-
     cache = FactsCache()
     try:
-        # a bar for 500 images or more (a second or more); None lets tqdm show it on a terminal only
-        disable = None if progress and len(paths) >= 500 else True
-        return [cache.get(p) for p in tqdm(paths, desc="audit images", unit="img", disable=disable, leave=False)]
+        bar = progress_bar(paths, desc="audit images", unit="img", enabled=progress and len(paths) >= 500, leave=False)
+        return [cache.get(p) for p in bar]  # (a bar for 500 images or more: a second or more)
     finally:
         cache.close()
 

@@ -103,11 +103,10 @@ def evaluate(
     ] = False,
 ) -> None:
     """Per-class metrics of a run on a split, with plots."""
-    from cxrlens.evaluate import evaluate_run
+    from cxrlens.evaluate import evaluate_run, f1_line
 
     metrics = evaluate_run(run, data, None if split == "all" else split, threshold, out, allow_leaks=allow_leaks)
-    f1 = ", ".join(f"{c} {m['f1']:.3f}" for c, m in metrics["classes"].items())
-    typer.echo(f"F1: {f1}; micro {metrics['micro']['f1']:.3f}, macro {metrics['macro']['f1']:.3f}")
+    typer.echo(f1_line(metrics))
 
 
 @app.command("check-data")
@@ -133,15 +132,19 @@ def ensemble(
     split: str = "test",
     threshold: str = "0.51",
     out: str = "runs/ensemble",
+    allow_leaks: Annotated[
+        bool, typer.Option("--allow-leaks", help="evaluate although the images overlap a run's training data")
+    ] = False,
 ) -> None:
     """Evaluate the soft-vote and/or majority-vote ensemble of several runs."""
     from cxrlens.ensemble import VOTES, ensemble_runs
+    from cxrlens.evaluate import f1_line
 
     votes = VOTES if vote == "both" else (vote,)
-    results = ensemble_runs(runs, votes, data, None if split == "all" else split, threshold, out)
+    results = ensemble_runs(runs, votes, data, None if split == "all" else split, threshold, out,
+                            allow_leaks=allow_leaks)
     for name, metrics in results.items():
-        f1 = ", ".join(f"{c} {m['f1']:.3f}" for c, m in metrics["classes"].items())
-        typer.echo(f"{name} vote F1: {f1}; written to {Path(out) / name}")
+        typer.echo(f"{name} vote {f1_line(metrics)}; written to {Path(out) / name}")
 
 
 @app.command()
@@ -220,6 +223,7 @@ def explain(
     """Attribution maps (.npy), overlays, grids, a JSON summary and config.json for images x models x methods x
     classes."""
     from cxrlens.explain.config import ExplainConfig, ExplainSettings, parse_methods
+    from cxrlens.explain.report import explain_failures
     from cxrlens.explain_cli import explain_runs
 
     config = ExplainConfig(
@@ -228,6 +232,9 @@ def explain(
         settings=ExplainSettings(output=output, max_batch=max_batch),
     )
     summary = explain_runs(config)
+    failures = explain_failures(summary)
+    if failures:  # the other maps are written; the command still fails
+        raise CxrlensError(f"{len(failures)} method run(s) failed, first {failures[0]}; the rest is in {out}")
     typer.echo(f"explained {len(summary['images'])} image(s) with {len(summary['models'])} model(s); written to {out}")
 
 
@@ -326,9 +333,25 @@ def list_models() -> None:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors (ours and the command line's) become one line on stderr and exit status 2."""
     try:
-        app()
+        from typer._click import exceptions as click_errors  # typer vendors click since 0.2x
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as click_errors
+
+    try:
+        status = app(standalone_mode=False)
+        if isinstance(status, int) and status:  # a command's typer.Exit(code)
+            sys.exit(status)
+    except click_errors.NoArgsIsHelpError as exc:  # `cxrlens` alone: the help, as before
+        typer.echo(exc.ctx.get_help() if exc.ctx else "see cxrlens --help")
+    except click_errors.UsageError as exc:  # a wrong option or value: one line instead of click's box
+        command = exc.ctx.command_path if exc.ctx else "cxrlens"
+        typer.echo(f"error: {exc.format_message().splitlines()[0].rstrip('.')}; see `{command} --help`", err=True)
+        sys.exit(2)
+    except typer.Abort:  # click turns Ctrl-C into Abort outside its standalone mode
+        typer.echo("interrupted; a training run can continue with --resume", err=True)
+        sys.exit(130)
     except CxrlensError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

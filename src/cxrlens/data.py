@@ -14,8 +14,11 @@ Three manifest formats are read into one ``Manifest`` (a table with absolute ``p
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,11 +42,15 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # --- image readers -------------------------------------------------------------------------------
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, target_size: int | None = None) -> np.ndarray:
     """Read a chest X-ray as a 2-D float32 array of raw intensities (no rescaling yet).
 
     PNG/JPEG of 8 or 16 bits, greyscale or colour (converted to grey; transparent pixels on black),
-    and DICOM (rescale slope/intercept applied, MONOCHROME1 inverted so bone is bright).
+    and DICOM (rescale slope/intercept applied, MONOCHROME1 inverted so bone is bright). Images over
+    ``MAX_PIXELS`` and non-finite pixel values are errors. With ``target_size`` (the model's input
+    side), an image whose long side exceeds 8x that is decoded reduced (JPEG's DCT scaling, else
+    Pillow's box reduction) to a long side of at least 4x it: a 10,000 px PNG for a 128 px model
+    then takes megabytes, not gigabytes, and ordinary X-rays are read in full.
     """
     path = Path(path)
     if not path.is_file():
@@ -51,17 +58,71 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         if path.suffix.lower() in {".dcm", ".dicom"} or _is_dicom(path):
             return _read_dicom(path)
-        with Image.open(path) as img:
-            return _pil_to_grey(img)
+        with _open_checked(path, str(path)) as img:
+            return _finite(_pil_to_grey(_reduced(img, target_size)), str(path))
     except CxrlensError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard (at twice our cap) fired on opening
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(str(path), f"{int(declared.group(1)) / 1e6:.0f} megapixels" if declared else "the image") \
+            from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CxrlensError(
             f"cannot read image {path}: {str(exc).splitlines()[0][:160]}; "
             "replace the file or remove its row from the manifest"
         ) from None
     except Exception as exc:  # pydicom raises many types for broken files
         raise CxrlensError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:160]}") from None
+
+
+def _open_checked(source: Any, name: str) -> Image.Image:
+    """Image.open (headers only), refused by its declared size before anything is decoded. Pillow's
+    warning between our cap and its own is replaced by our error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source)
+    try:
+        _check_size(img.size, name)
+    except CxrlensError:
+        img.close()
+        raise
+    return img
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    """Refuse an image by its declared size, before anything is decoded."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise _too_large(name, f"{width}x{height} pixels")
+
+
+def _too_large(name: str, declared: str) -> CxrlensError:
+    return CxrlensError(
+        f"{name}: {declared} is over the limit of {MAX_PIXELS / 1e6:.0f} megapixels (a chest X-ray has fewer "
+        "than 10); downscale the image"
+    )
+
+
+def _reduced(img: Image.Image, target_size: int | None) -> Image.Image:
+    factor = max(img.size) // (4 * target_size) if target_size else 1
+    if factor < 2:
+        return img
+    if img.format == "JPEG":  # decoded at 1/2, 1/4 or 1/8 scale: never smaller than asked
+        img.draft(img.mode, (img.width // factor, img.height // factor))
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not support: decoded in full
+        return img
+
+
+def _finite(pixels: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(pixels).all():
+        raise CxrlensError(
+            f"{name}: the image has non-finite pixel values (NaN or infinity, e.g. from a DICOM RescaleSlope "
+            "or RescaleIntercept of NaN); fix the file's header or remove the image"
+        )
+    return pixels
 
 
 def read_image_bytes(data: bytes, name: str = "upload") -> np.ndarray:
@@ -71,10 +132,10 @@ def read_image_bytes(data: bytes, name: str = "upload") -> np.ndarray:
     if len(data) > 132 and data[128:132] == b"DICM":
         return _read_dicom(io.BytesIO(data), name)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_checked(io.BytesIO(data), name) as img:
             if img.format not in {"PNG", "JPEG", "TIFF", "BMP"}:
                 raise CxrlensError(f"{name}: unsupported image type {img.format}; send PNG, JPEG or DICOM")
-            return _pil_to_grey(img)
+            return _finite(_pil_to_grey(img), name)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CxrlensError(f"{name}: not a readable PNG, JPEG or DICOM image ({str(exc)[:120]})") from None
 
@@ -102,17 +163,23 @@ def _read_dicom(source, name: str | None = None) -> np.ndarray:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(source)
-        pixels = ds.pixel_array.astype(np.float32)
+        with warnings.catch_warnings():  # pydicom warns about odd header values; what matters is checked below
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(source)
+            _check_size((int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)), name or str(source))
+            pixels = ds.pixel_array.astype(np.float32)
+            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    except CxrlensError:
+        raise
     except Exception as exc:
         raise CxrlensError(
             f"cannot read DICOM {name or source}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         ) from None
     if pixels.ndim == 3:  # multi-frame or colour: take the first frame / convert to grey
         pixels = pixels.mean(axis=-1) if pixels.shape[-1] in (3, 4) else pixels[0]
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     pixels = pixels * slope + intercept
+    pixels = _finite(pixels, name or str(source))
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         pixels = pixels.max() + pixels.min() - pixels
     return pixels
@@ -149,7 +216,7 @@ class Preprocess:
 
 def load_image_tensor(path: str | Path, size: int = 224) -> torch.Tensor:
     """One image file -> [3, size, size] tensor ready for a model."""
-    return Preprocess(size)(read_image(path)).expand(3, -1, -1).contiguous()
+    return Preprocess(size)(read_image(path, size)).expand(3, -1, -1).contiguous()
 
 
 # --- manifests -----------------------------------------------------------------------------------
@@ -409,7 +476,7 @@ class XrayDataset(Dataset):
     def image(self, index: int) -> torch.Tensor:
         if self.cache is not None and index in self.cache:
             return self.cache[index].float()
-        tensor = self.preprocess(read_image(self.manifest.frame["path"].iat[index]))
+        tensor = self.preprocess(read_image(self.manifest.frame["path"].iat[index], self.preprocess.size))
         if self.cache is not None:
             self.cache[index] = tensor.half()
             return self.cache[index].float()  # the values of every later epoch (and of a resumed run's first)

@@ -37,8 +37,12 @@ def ensemble_runs(
     threshold: str | float = STUDY_THRESHOLD,
     out: str | Path = "runs/ensemble",
     progress: bool = True,
+    allow_leaks: bool = False,
 ) -> dict[str, dict]:
-    """Evaluate the ensembles of ``run_dirs``; writes one folder per vote under ``out``."""
+    """Evaluate the ensembles of ``run_dirs``; writes one folder per vote under ``out``. Images any of
+    the runs was trained or validated on are refused unless ``allow_leaks`` (then recorded in each
+    vote's metrics.json as ``leaks_allowed``)."""
+    from cxrlens.audit import check_evaluation_data
     from cxrlens.data import load_manifest
     from cxrlens.runs import load_run
 
@@ -52,6 +56,8 @@ def ensemble_runs(
                 f"{run.run_dir} predicts {run.taxonomy.classes}, not {classes}; ensemble runs of one taxonomy"
             )
     manifest = load_manifest(data or runs[0].config.data or None, runs[0].taxonomy).split(split)
+    leaks = list(dict.fromkeys(  # runs trained on the same data report the same leaks: once each
+        leak for run in runs for leak in check_evaluation_data(run.config, manifest, allow_leaks, progress)))
     probs = np.stack([predict_manifest(run, manifest, progress=progress) for run in runs])
     thresholds = np.stack(
         [np.broadcast_to(resolve_threshold(threshold, r.thresholds, r.run_dir), (len(classes),)) for r in runs]
@@ -61,6 +67,7 @@ def ensemble_runs(
         scores, vote_threshold = combine(probs, vote, thresholds)
         title = f"{vote} vote of {len(runs)} models ({', '.join(r.config.model for r in runs)}) [{split or 'all'}]"
         results[vote] = write_evaluation(
-            Path(out) / vote, title, scores, manifest.targets, manifest.frame, classes, vote_threshold
+            Path(out) / vote, title, scores, manifest.targets, manifest.frame, classes, vote_threshold,
+            leaks_allowed=leaks,
         )
     return results

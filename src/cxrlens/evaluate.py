@@ -17,7 +17,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from cxrlens.errors import CxrlensError
-from cxrlens.io import save_figure, write_json
+from cxrlens.io import progress_bar, save_figure, write_json
 from cxrlens.runs import atomic_write_text
 
 STUDY_THRESHOLD = 0.51  # the study's decision threshold on the sigmoid output
@@ -42,9 +42,16 @@ def confusion_counts(probs: np.ndarray, targets: np.ndarray, threshold: float | 
     ).astype(np.int64)
 
 
-def _ratio(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+def _ratio(a: np.ndarray | float, b: np.ndarray | float, undefined: float = 0.0) -> np.ndarray:
+    """a / b, and ``undefined`` where b is 0 (0 for threshold search, NaN for reported metrics)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
+    return np.divide(a, b, out=np.full_like(a, undefined, dtype=np.float64), where=b > 0)
+
+
+def _metric(a: float, b: float) -> float:
+    """A reported ratio: NaN (shown as n/a, left out of averages) when its denominator is 0, e.g. the
+    recall of a class with no positive image in a source."""
+    return float(_ratio(a, b, undefined=float("nan")))
 
 
 def f1_scores(
@@ -85,11 +92,13 @@ def compute_metrics(
             if has_both
             else float("nan")
         )
+        support = tp[i] + fn[i]
         per_class[name] = {
-            "precision": float(_ratio(tp[i], tp[i] + fp[i])),
-            "recall": float(_ratio(tp[i], tp[i] + fn[i])),
-            "specificity": float(_ratio(tn[i], tn[i] + fp[i])),
-            "f1": float(_ratio(2 * tp[i], 2 * tp[i] + fp[i] + fn[i])),
+            "precision": _metric(tp[i], tp[i] + fp[i]),
+            "recall": _metric(tp[i], support),
+            "specificity": _metric(tn[i], tn[i] + fp[i]),
+            # F1 needs positives to be about: without any it is 0 or 0/0, either way not a score.
+            "f1": _metric(2 * tp[i], 2 * tp[i] + fp[i] + fn[i]) if support else float("nan"),
             "auroc": auroc,
             "support": int(tp[i] + fn[i]),
             "tp": int(tp[i]),
@@ -100,10 +109,10 @@ def compute_metrics(
         }
     TP, FP, FN, TN = (int(v) for v in counts.sum(0))
     micro = {
-        "precision": float(_ratio(TP, TP + FP)),
-        "recall": float(_ratio(TP, TP + FN)),
-        "specificity": float(_ratio(TN, TN + FP)),
-        "f1": float(_ratio(2 * TP, 2 * TP + FP + FN)),
+        "precision": _metric(TP, TP + FP),
+        "recall": _metric(TP, TP + FN),
+        "specificity": _metric(TN, TN + FP),
+        "f1": _metric(2 * TP, 2 * TP + FP + FN) if TP + FN else float("nan"),
     }
     keys = ("precision", "recall", "specificity", "f1", "auroc")
     macro = {k: _nanmean([per_class[c][k] for c in class_names]) for k in keys}
@@ -124,15 +133,24 @@ def metrics_by_source(
     }
 
 
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A metric for a table: ``n/a`` where it is undefined (NaN, or null read back from JSON)."""
+    return "n/a" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
+def f1_line(metrics: dict) -> str:
+    """One line: per-class, micro and macro F1 (what the CLI prints)."""
+    per_class = ", ".join(f"{c} {fmt(m['f1'])}" for c, m in metrics["classes"].items())
+    return f"F1: {per_class}; micro {fmt(metrics['micro']['f1'])}, macro {fmt(metrics['macro']['f1'])}"
+
+
 def markdown_table(results: dict[str, dict], class_names: Sequence[str], key: str = "f1") -> str:
     """One row per model (or ensemble), one column per class, plus micro and macro averages."""
     header = "| model | " + " | ".join(class_names) + " | micro | macro |"
     lines = [header, "|" + "---|" * (len(class_names) + 3)]
     for name, m in results.items():
-        cells = [f"{m['classes'][c][key]:.3f}" for c in class_names]
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {m['micro'].get(key, float('nan')):.3f} | {m['macro'][key]:.3f} |"
-        )
+        cells = [fmt(m["classes"][c][key]) for c in class_names]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(m['micro'].get(key))} | {fmt(m['macro'][key])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,15 +165,15 @@ def detail_markdown(metrics: dict, title: str) -> str:
     ]
     for name, m in metrics["classes"].items():
         lines.append(
-            f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['specificity']:.3f} | {m['f1']:.3f} | "
-            f"{m['auroc']:.3f} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} "
+            f"| {name} | {fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['specificity'])} | {fmt(m['f1'])} | "
+            f"{fmt(m['auroc'])} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} "
             f"| {m['threshold']:.2f} |"
         )
     for avg in ("micro", "macro"):
         m = metrics[avg]
         lines.append(
-            f"| *{avg}* | {m['precision']:.3f} | {m['recall']:.3f} | {m['specificity']:.3f} | "
-            f"{m['f1']:.3f} | {m.get('auroc', float('nan')):.3f} | | | | | | |"
+            f"| *{avg}* | {fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['specificity'])} | "
+            f"{fmt(m['f1'])} | {fmt(m.get('auroc'))} | | | | | | |"
         )
     return "\n".join(lines) + "\n"
 
@@ -177,7 +195,7 @@ def plot_confusion(metrics: dict, path: Path, title: str = "") -> None:
             ax.text(c, r, str(v), ha="center", va="center", color="black" if v < grid.max() / 2 else "white")
         ax.set_xticks([0, 1], ["pred -", "pred +"])
         ax.set_yticks([0, 1], ["true -", "true +"])
-        ax.set_title(f"{name} (F1 {m['f1']:.2f})")
+        ax.set_title(f"{name} (F1 {fmt(m['f1'], 2)})")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
@@ -198,7 +216,8 @@ def plot_roc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str],
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a class with both outcomes; none on a one-class source
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
@@ -214,11 +233,15 @@ def write_evaluation(
     frame: pd.DataFrame,
     class_names: Sequence[str],
     threshold: float | Sequence[float],
+    leaks_allowed: Sequence | None = None,
 ) -> dict:
-    """metrics.json, metrics.md, predictions.csv, confusion.png and roc.png in ``out_dir``."""
+    """metrics.json, metrics.md, predictions.csv, confusion.png and roc.png in ``out_dir``; leaks let
+    through with ``--allow-leaks`` are recorded beside the numbers they inflate."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(probs, targets, class_names, threshold)
     metrics["by_source"] = metrics_by_source(probs, targets, frame["source"].to_numpy(), class_names, threshold)
+    if leaks_allowed:
+        metrics["leaks_allowed"] = list(leaks_allowed)
     write_json(out_dir / "metrics.json", metrics)  # strict JSON: an undefined AUROC is null
     text = detail_markdown(metrics, title)
     for source, m in metrics["by_source"].items():
@@ -252,13 +275,13 @@ def resolve_threshold(threshold: str | float, run_thresholds: list[float] | None
 def predict_manifest(run, manifest, batch_size: int = 32, progress: bool = False) -> np.ndarray:
     """Probabilities of one loaded run on every image of a manifest, at the run's image size."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from cxrlens.data import XrayDataset
     from cxrlens.runs import predict
 
     loader = DataLoader(XrayDataset(manifest, run.config.image_size, cache=False), batch_size=batch_size)
-    outs = [predict(run.model, images) for images, _ in tqdm(loader, desc=f"predict {run.name}", disable=not progress)]
+    batches = progress_bar(loader, desc=f"predict {run.name}", enabled=progress)
+    outs = [predict(run.model, images) for images, _ in batches]
     return torch.cat(outs).numpy() if outs else np.zeros((0, run.taxonomy.num_classes))
 
 
@@ -293,12 +316,10 @@ def evaluate_run(
             manifest.frame,
             run.taxonomy.classes,
             thresholds,
+            leaks_allowed=leaks,
         )
     except BaseException:
         if created:  # a failed evaluation leaves no folder behind
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    if leaks:  # recorded beside the numbers they inflate
-        metrics["leaks_allowed"] = leaks
-        write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -61,6 +61,7 @@ def explain_runs(config: ExplainConfig, progress: bool = True) -> dict:
             {name: r.model for name, r in group}, batch, classes, config.methods, chosen,
             Path(config.out) if len(sizes) == 1 else Path(config.out) / f"{size}px",
             image_ids=ids, settings=config.settings, progress=progress,
+            architectures={name: r.config.model for name, r in group},
         )
         summary["models"].update(part["models"])
     config.save(config.out)

@@ -88,3 +88,11 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Save a matplotlib Figure as a PNG file, atomically; returns the path."""
     return atomic_write_bytes(path, figure_png(fig, dpi))
+
+
+def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs: Any) -> Any:
+    """A tqdm progress bar, drawn on a terminal only (tqdm's ``disable=None``): a log or a pipe gets no
+    carriage-return noise, and an error stays the one line on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)

@@ -44,14 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.config import ExplainSettings, parse_methods
 from cxrlens.explain.figures import atomic_write_bytes, grid_figure, overlay, save_png
 from cxrlens.explain.methods import Attribution, attribute, get_method
 from cxrlens.explain.rewrite import make_explainable
-from cxrlens.io import write_json
+from cxrlens.io import progress_bar, write_json
 
 # Metadata every attribution carries; anything else a method reports (layer, occlusion plan) goes into the summary.
 _COMMON_META = {"method", "params", "output", "targets", "signed", "seconds", "channels_last", "autocast_bf16"}
@@ -100,6 +99,7 @@ class _Job:
     grey: np.ndarray  # the X-rays [B, H, W] in [0, 1], for overlays
     # overlays[image][model][method] = RGB arrays, one per target, for the grids
     overlays: dict[str, dict[str, dict[str, list[np.ndarray]]]] = field(default_factory=dict)
+    architectures: dict[str, str] = field(default_factory=dict)  # model name -> registry name
 
     @property
     def target_names(self) -> list[str]:
@@ -136,9 +136,13 @@ def explain_images(
     image_ids: Sequence[str] | None = None,
     settings: ExplainSettings | None = None,
     progress: bool = True,
+    architectures: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Attribution maps of ``images`` for every model x method x target; see the module docstring."""
+    """Attribution maps of ``images`` for every model x method x target; see the module docstring.
+    ``architectures``: each model's registry name, for its facts such as the Grad-CAM layer (default:
+    the model's key, when that is a registry name)."""
     job = _plan(models, images, class_names, methods, targets, out_dir, image_ids, settings or ExplainSettings())
+    job.architectures = dict(architectures or {})
     job.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "output": job.settings.output,
@@ -149,7 +153,7 @@ def explain_images(
         "models": {},
     }
     total = len(models) * len(job.methods) * len(job.ids)
-    with tqdm(total=total, desc="explain", unit="map", disable=not progress) as bar:
+    with progress_bar(total=total, desc="explain", unit="map", enabled=progress) as bar:
         for model_name, model in models.items():
             summary["models"][model_name] = _explain_model(job, model_name, model, bar)
     if job.settings.figures:
@@ -171,7 +175,7 @@ def _predictions(job: _Job, model: nn.Module) -> dict[str, dict[str, float]]:
             for b, image_id in enumerate(job.ids)}
 
 
-def _explain_model(job: _Job, model_name: str, model: nn.Module, bar: tqdm) -> dict[str, Any]:
+def _explain_model(job: _Job, model_name: str, model: nn.Module, bar: Any) -> dict[str, Any]:
     """Predictions and every method's record for one model (maps and overlays written on the way)."""
     entry: dict[str, Any] = {"methods": {}, "predictions": _predictions(job, model)}
     explainable: nn.Module | None = None
@@ -199,7 +203,8 @@ def _explain_method(job: _Job, model_name: str, model: nn.Module, method: str,
     s = job.settings
     try:
         result = attribute(model, job.images, job.targets, method=method, output=s.output, max_batch=s.max_batch,
-                           channels_last=s.channels_last, autocast_bf16=s.autocast_bf16, model_name=model_name,
+                           channels_last=s.channels_last, autocast_bf16=s.autocast_bf16,
+                           model_name=job.architectures.get(model_name, model_name),
                            **params)
     except CxrlensError as exc:  # e.g. a layer this model lacks: recorded, the other methods still run
         return {"error": str(exc)}
@@ -254,3 +259,11 @@ def _write_grids(out: Path, ids: list[str], model_names: list[str], method_names
             grid_figure(cells, methods_done, ["image", *target_names], path, title=f"{image_id}: {m}")
             written.append(str(path.relative_to(out)))
     return written
+
+
+def explain_failures(summary: dict[str, Any]) -> list[str]:
+    """'model / method: reason' for every method that failed on a model (recorded in the summary while
+    the others ran on), so that a caller can report the run as failed."""
+    return [f"{model} / {method}: {record['error']}"
+            for model, entry in summary.get("models", {}).items()
+            for method, record in entry.get("methods", {}).items() if "error" in record]

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cxrlens.errors import CxrlensError
+from cxrlens.io import progress_bar
 from cxrlens.models import MODELS
 from cxrlens.nap.config import NapConfig
 from cxrlens.nap.groups import PRED_THRESHOLD, GroupExpr, class_index, resolve_groups
@@ -377,7 +377,7 @@ def _stream(profilers: list[_ModelProfiler], batches: Iterable[tuple[torch.Tenso
             total: int | None, progress: bool) -> None:
     """Feed every batch to every profiler, hooks attached only for the pass."""
     names = ", ".join(p.name for p in profilers)
-    bar = tqdm(total=total, unit="img", desc=f"NAP {names}", disable=not progress, leave=False)
+    bar = progress_bar(total=total, unit="img", desc=f"NAP {names}", enabled=progress, leave=False)
     try:
         for p in profilers:
             p.__enter__()
