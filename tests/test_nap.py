@@ -206,6 +206,7 @@ def _direct(model, loader, layers, groups, gradient_class=None):
     return out, masks.sum(axis=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("groups, gradient", [(None, False), ("errors", "COVID-19")])
 def test_streaming_equals_direct_on_real_images(small_manifest, tmp_path, groups, gradient):
     from cxrlens.data import XrayDataset
@@ -231,6 +232,8 @@ def test_streaming_equals_direct_on_real_images(small_manifest, tmp_path, groups
         np.testing.assert_allclose(got.contrastive, want["contrastive"], rtol=1e-9, atol=1e-12)
         np.testing.assert_array_equal(got.dead, want["dead"])
         np.testing.assert_allclose(got.map_mean, want["map_mean"], rtol=1e-9, atol=1e-12)
+        # Streamed variance is E[x^2] - E[x]^2 in float64: cancellation costs log10(mean^2 / var) of float64's
+        # 16 digits (at most 10 here), so 1e-6; the cosine distance 1 - cos likewise.
         np.testing.assert_allclose(got.map_std, want["map_std"], rtol=1e-6, atol=1e-9)
         live = want["nap"][:, ~want["dead"]].reshape(len(counts), -1)
         distance = np.linalg.norm(live[0] - live[-1])
@@ -244,6 +247,7 @@ def test_streaming_equals_direct_on_real_images(small_manifest, tmp_path, groups
     if groups is None:
         assert {"nap_resnet18_layer4.png", "nap_resnet18_inputs.png", "nap_dead_maps.png"} <= names
     with np.load(tmp_path / "nap_resnet18.npz") as z:
+        # stored as float32: one rounding (u = 6e-8) of each value, so 16 u relative
         np.testing.assert_allclose(z["layer3/nap"], result.layers["layer3"].nap, rtol=1e-6, atol=1e-7)
         assert list(z["groups"]) == result.groups
     stats = json.loads((tmp_path / "nap_stats.json").read_text())["models"]["resnet18"]

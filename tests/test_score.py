@@ -216,6 +216,7 @@ def test_blur_baseline_keeps_constant_images():
         M.make_baseline(images, "grey")
 
 
+@pytest.mark.numerics
 def test_deletion_curve_equals_quantus_pixel_flipping():
     quantus = _quantus()
     model = tiny_cnn(in_channels=1)
@@ -229,6 +230,8 @@ def test_deletion_curve_equals_quantus_pixel_flipping():
     ours = M.perturbation_curves(model, images, maps.expand(-1, 3, -1, -1), [0, 1, 2], steps=8, baseline=0.0,
                                  output="logit")
     ours = ours[torch.arange(4), torch.as_tensor(targets), 1:]  # Quantus leaves out the intact image
+    # the same float32 logits through other batch compositions (Quantus: one pass per step): a tiny model
+    # (K ~ 50 terms per output), so differences of a few ulps (u = 6e-8) of values of order 1; 1e-5 is 100 u
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5, atol=1e-6)
 
 
