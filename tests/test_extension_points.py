@@ -137,6 +137,12 @@ def test_cli_explain_with_toy_model_and_method(toy_run, tmp_path, monkeypatch, c
     assert config.runs == [str(toy_run)] and config.max_images == 2 and config.targets == "COVID-19,Normal"
     assert list(config.methods) == [TOY_METHOD, "grad_cam", "saliency"]
     assert config.settings.output == "sigmoid"
+    # The HTML report shows the toy method's maps like any other's.
+    from cxrlens.report import build_report
+
+    html = build_report([toy_run], tmp_path / "report.html", explain_dir=out).read_text()
+    section = html[html.index('<section id="explain">'):]
+    assert TOY_METHOD in section[: section.index("</section>")]
 
 
 def test_scorecard_asks_the_method_whether_to_rewrite(toy_run, tmp_path, monkeypatch) -> None:
