@@ -70,7 +70,6 @@ class TrainConfig:
     leaks: list[str] = field(default_factory=list)  # leaks the audit found and --allow-leaks let through
     skipped: list[str] = field(default_factory=list)  # manifest rows left out by --skip-missing
     data_fingerprint: str = ""  # of the images, labels and splits trained on (a resume checks it)
-    extra: dict = field(default_factory=dict)
 
     @property
     def tax(self) -> Taxonomy:
