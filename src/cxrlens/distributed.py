@@ -25,7 +25,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -252,9 +252,22 @@ def launch(fn: Callable, *args: Any, launch: Launch | None = None, **kwargs: Any
 
 def _spawn(fn: Callable, args: tuple, kwargs: dict, launch: Launch) -> Any:
     """Start local ranks 1.. as new processes, run local rank 0 here, and wait for all of them."""
-    import torch.multiprocessing as mp
+    import torch
 
     backend = _backend(launch.accelerator, launch.devices)
+    threads_before = torch.get_num_threads()
+    if launch.threads is None and backend == "gloo":  # N processes share the cores instead of each taking all
+        launch = replace(launch, threads=max(1, threads_before // launch.devices))
+    torch.set_num_threads(launch.threads or threads_before)
+    try:
+        return _run_spawned(fn, args, kwargs, launch, backend)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_spawned(fn: Callable, args: tuple, kwargs: dict, launch: Launch, backend: str) -> Any:
+    import torch.multiprocessing as mp
+
     host, port, node_rank = _address(launch)
     init_method = f"tcp://{host}:{port}"
     context = mp.get_context("spawn")

@@ -118,7 +118,10 @@ def write_chunk_index(folder: Path, chunk: int, rows: pd.DataFrame, subfolder: s
 
 def read_rows(path: Path) -> pd.DataFrame:
     """An index (or metrics) CSV; names stay text (an image called 00012 is not the number 12)."""
-    head = pd.read_csv(path, nrows=0).columns
+    try:
+        head = pd.read_csv(path, nrows=0).columns
+    except pd.errors.EmptyDataError:  # a chunk with no rows (e.g. no image had a label to explain)
+        return pd.DataFrame()
     text = [c for c in _TEXT_COLUMNS if c in head]
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text, str))
     frame[text] = frame[text].fillna("")

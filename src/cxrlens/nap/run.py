@@ -77,7 +77,7 @@ def _profile(entries: list[_Entry], manifest: Any, classes: Sequence[str], confi
         results.update(compute_naps(
             {e.name: e.model for e in members}, loader, classes, config,
             architectures={e.name: e.architecture for e in members if e.architecture is not None},
-            total=len(dataset), image_size=size,
+            total=sum(len(b) for b in batches), image_size=size,
         ))
     return {e.name: results[e.name] for e in entries}  # keep the given order
 
