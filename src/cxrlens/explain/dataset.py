@@ -260,13 +260,20 @@ def _check_disk(job: DatasetJob, sink: Sink, done: int) -> None:
     """Refuse to start what cannot fit: the maps still to write, at most, against the free space."""
     per_image = getattr(sink, "bytes_per_image", lambda: 0)()
     need = per_image * max(0, len(job.ids) - done * job.chunk_size)
-    job.out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(job.out).free
+    existing = next(p for p in (job.out, *job.out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
     if need > free:
         raise CxrlensError(
-            f"the maps would take up to {need / 1e9:.1f} GB but {job.out} has {free / 1e9:.1f} GB free; free some "
-            "space, choose another --out, explain fewer methods or classes, or use --metrics-only (no maps kept)"
+            f"the maps would take up to {_size(need)} but {job.out} has {_size(free)} free; free some space, "
+            "choose another --out, explain fewer methods or classes, or use --metrics-only (no maps kept)"
         )
+
+
+def _size(count: int) -> str:
+    for unit, step in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= step:
+            return f"{count / step:.1f} {unit}"
+    return f"{count} bytes"
 
 
 # --- the map store as a sink -----------------------------------------------------------------------
