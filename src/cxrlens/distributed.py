@@ -37,6 +37,7 @@ ACCELERATORS = ("auto", "cpu", "gpu")
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a slow (or dead) peer
 _local_rank = 0  # GPU index of this process, set when it joins a group
+_single_gpu = False  # one process launched on a GPU (no group): device() is cuda:0
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class Launch:
 
     devices: processes per machine (one GPU each on GPUs); num_nodes: machines (each runs the same
     command, with ``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK`` set, or under ``torchrun``);
-    accelerator: ``cpu`` (gloo), ``gpu`` (NCCL) or ``auto`` (GPUs when CUDA has enough of them);
+    accelerator: ``cpu`` (gloo), ``gpu`` (NCCL) or ``auto`` (GPUs when CUDA has enough of them, as
+    Lightning's ``auto``; one process then runs on ``cuda:0``);
     threads: torch threads per started process (None: torch's default, e.g. ``OMP_NUM_THREADS``).
     """
 
@@ -98,12 +100,13 @@ def is_main() -> bool:
 
 
 def device(default: str = "cpu"):
-    """The torch device of this process: its GPU under NCCL, else ``default``."""
+    """The torch device of this process: its GPU under NCCL; ``cuda:0`` for one process launched on a
+    GPU, unless ``default`` names another device; else ``default``."""
     import torch
 
     if active() and _dist().get_backend() == "nccl":
         return torch.device("cuda", _local_rank)
-    return torch.device(default)
+    return torch.device("cuda", 0) if _single_gpu and default == "cpu" else torch.device(default)
 
 
 def owned(units: int) -> list[int]:
@@ -246,8 +249,18 @@ def launch(fn: Callable, *args: Any, launch: Launch | None = None, **kwargs: Any
             result = fn(*args, **kwargs)
             return result if is_main() else None
     if launch.world_size == 1:
-        return fn(*args, **kwargs)
+        return _run_alone(fn, args, kwargs, _backend(launch.accelerator, 1) == "nccl")
     return _spawn(fn, args, kwargs, launch)
+
+
+def _run_alone(fn: Callable, args: tuple, kwargs: dict, gpu: bool) -> Any:
+    """One process, no group: on the GPU when the accelerator says so (or auto finds one)."""
+    global _single_gpu
+    _single_gpu = gpu
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _single_gpu = False
 
 
 def _spawn(fn: Callable, args: tuple, kwargs: dict, launch: Launch) -> Any:
