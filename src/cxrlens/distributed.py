@@ -35,7 +35,9 @@ from cxrlens.errors import CxrlensError
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a slow (or dead) peer
+# how long a collective waits: at the end, the first process done waits for the last one's final chunk (an
+# occlusion chunk of many models at 512 px can take hours); a peer that dies is noticed at once regardless
+_TIMEOUT = timedelta(hours=12)
 _local_rank = 0  # GPU index of this process, set when it joins a group
 _single_gpu = False  # one process launched on a GPU (no group): device() is cuda:0
 
@@ -198,10 +200,11 @@ def _process_group(backend: str, rank_: int, world: int, local_rank: int, init_m
 
 
 def _child(local_rank: int, node_rank: int, launch: Launch, backend: str, init_method: str, errors: Any,
-           fn: Callable, args: tuple, kwargs: dict) -> None:
-    """Body of a started process: join the group, run ``fn``, report a user error to rank 0."""
+           call: tuple[Callable, tuple, dict]) -> None:
+    """Body of a started process: join the group, run ``fn(*args, **kwargs)``, report a user error to rank 0."""
     import torch
 
+    fn, args, kwargs = call
     if launch.threads:
         torch.set_num_threads(launch.threads)
     global_rank = node_rank * launch.devices + local_rank
@@ -285,11 +288,9 @@ def _run_spawned(fn: Callable, args: tuple, kwargs: dict, launch: Launch, backen
     init_method = f"tcp://{host}:{port}"
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    children = [
-        context.Process(target=_child, args=(local, node_rank, launch, backend, init_method, errors, fn, args, kwargs),
-                        daemon=False)
-        for local in range(1, launch.devices)
-    ]
+    call = (fn, args, kwargs)
+    children = [context.Process(target=_child, args=(local, node_rank, launch, backend, init_method, errors, call))
+                for local in range(1, launch.devices)]
     for child in children:
         child.start()
     result, failure, finished = None, None, False
