@@ -174,6 +174,18 @@ def split(
     typer.echo(f"{out}: {manifest.frame['split'].value_counts().to_dict()}{left_out}")
 
 
+DevicesOption = Annotated[int, typer.Option(help="processes per machine (one GPU each on GPUs); images are shared out")]
+NodesOption = Annotated[int, typer.Option(
+    help="machines (each runs the command with MASTER_ADDR, MASTER_PORT, NODE_RANK set, or under torchrun)")]
+AcceleratorOption = Annotated[str, typer.Option(help="auto, cpu (gloo) or gpu (NCCL)")]
+
+
+def _launch(devices: int, num_nodes: int, accelerator: str):
+    from cxrlens.distributed import Launch
+
+    return Launch(devices=devices, num_nodes=num_nodes, accelerator=accelerator)
+
+
 @app.command()
 def nap(
     run: Annotated[list[str], typer.Option("--run", help="run folder (repeat for several models)")],
@@ -186,23 +198,24 @@ def nap(
     ] = None,
     gradient_weighted: Annotated[str | None, typer.Option(help="a class name: GradNAPs for that class")] = None,
     batch_size: int = 16,
+    devices: DevicesOption = 1,
+    num_nodes: NodesOption = 1,
+    accelerator: AcceleratorOption = "auto",
 ) -> None:
     """Neuron Activation Profiles of one or more runs over a data set (arrays, statistics, figures)."""
-    from cxrlens.data import load_manifest
-    from cxrlens.nap import NapConfig, dead_share_lines, run_nap
-    from cxrlens.runs import load_run
+    from cxrlens.distributed import launch
+    from cxrlens.nap import NapConfig, NapJob, dead_share_lines, run_nap_job
 
-    runs = [load_run(r) for r in run]
-    manifest = load_manifest(data or runs[0].config.data or None, runs[0].taxonomy).split(
-        None if split == "all" else split
-    )
     config = NapConfig(
         layers=layers.split(",") if layers else None,
         groups=groups if groups in (None, "study", "errors") else [g for g in groups.split(";") if g.strip()],
         batch_size=batch_size,
         gradient_weighted=gradient_weighted or False,
     )
-    result = run_nap(runs, manifest, out, config)
+    job = NapJob(runs=run, out=out, data=data, split=None if split == "all" else split, config=config)
+    result = launch(run_nap_job, job, launch=_launch(devices, num_nodes, accelerator))
+    if result is None:  # not process 0
+        return
     typer.echo("\n".join(dead_share_lines(result["stats"])))
     typer.echo(f"NAP arrays, nap_stats.json and figures written to {out}")
 
@@ -214,28 +227,53 @@ def explain(
     image: Annotated[list[str] | None, typer.Option("--image", help="image file or folder (repeatable)")] = None,
     data: Annotated[str | None, typer.Option(help="instead of --image: a data set (manifest or folder)")] = None,
     split: Annotated[str, typer.Option(help="split of --data to explain; 'all' for every image")] = "test",
-    max_images: Annotated[int, typer.Option(help="at most this many images of --data")] = 8,
+    max_images: Annotated[int, typer.Option(help="at most this many images of --data; 0 = all")] = 8,
     methods: Annotated[str, typer.Option(help="'all' or comma-separated names, e.g. occlusion,saliency")] = "all",
-    targets: Annotated[str, typer.Option(help="all, positive (predicted by the soft vote) or class names")] = "all",
+    targets: Annotated[str, typer.Option(
+        help="all, positive (predicted by the soft vote), true (labels; --store) or class names")] = "all",
     output: Annotated[str, typer.Option(help="explain the sigmoid (the study's choice) or the logit")] = "sigmoid",
     max_batch: Annotated[int, typer.Option(help="perturbations / integration steps per forward pass")] = 16,
+    store: Annotated[bool, typer.Option(
+        "--store", help="data-set scale: float16 maps in chunks with an index, no figures (resumable)")] = False,
+    chunk_size: Annotated[int, typer.Option(help="images per chunk of --store")] = 32,
+    metrics_only: Annotated[bool, typer.Option(
+        "--metrics-only", help="keep no maps: scorecard metrics per image and class, computed on the fly")] = False,
+    masks: Annotated[str | None, typer.Option(help="--metrics-only: mask folder scored against (default: none)")] = (
+        None),
+    resume: Annotated[bool, typer.Option("--resume", help="continue the store in --out; chunks done are skipped")] = (
+        False),
+    devices: DevicesOption = 1,
+    num_nodes: NodesOption = 1,
+    accelerator: AcceleratorOption = "auto",
 ) -> None:
     """Attribution maps (.npy), overlays, grids, a JSON summary and config.json for images x models x methods x
-    classes."""
+    classes; or, with --store / --metrics-only, a whole data set on one or more processes."""
+    from cxrlens.distributed import launch
     from cxrlens.explain.config import ExplainConfig, ExplainSettings, parse_methods
     from cxrlens.explain.report import explain_failures
     from cxrlens.explain_cli import explain_runs
 
     config = ExplainConfig(
         runs=run, out=out, images=image or [], data=data, split=None if split == "all" else split,
-        max_images=max_images, methods=parse_methods(methods), targets=targets,
-        settings=ExplainSettings(output=output, max_batch=max_batch),
+        max_images=max_images or None, methods=parse_methods(methods), targets=targets,
+        settings=ExplainSettings(output=output, max_batch=max_batch), store=store or resume, chunk_size=chunk_size,
+        metrics_only=metrics_only, masks=masks,
     )
-    summary = explain_runs(config)
-    failures = explain_failures(summary)
-    if failures:  # the other maps are written; the command still fails
-        raise CxrlensError(f"{len(failures)} method run(s) failed, first {failures[0]}; the rest is in {out}")
-    typer.echo(f"explained {len(summary['images'])} image(s) with {len(summary['models'])} model(s); written to {out}")
+    summary = launch(explain_runs, config, launch=_launch(devices, num_nodes, accelerator), resume=resume)
+    if summary is None:  # not process 0
+        return
+    if not config.store:
+        failures = explain_failures(summary)
+        if failures:  # the other maps are written; the command still fails
+            raise CxrlensError(f"{len(failures)} method run(s) failed, first {failures[0]}; the rest is in {out}")
+        typer.echo(f"explained {len(summary['images'])} image(s) with {len(summary['models'])} model(s); "
+                   f"written to {out}")
+    elif not summary["complete"]:
+        typer.echo(f"{summary['chunks_done']} of {summary['chunks']} chunks done in {out}; run again with --resume")
+    else:
+        what = "metrics of" if config.metrics_only else "maps of"
+        typer.echo(f"{what} {summary['images']} image(s) x {len(summary['models'])} model(s) x "
+                   f"{len(config.methods)} method(s): {summary['rows']} rows, written to {out}")
 
 
 @app.command()
@@ -250,12 +288,18 @@ def score(
     ),
     data: Annotated[str | None, typer.Option(help="data set for the shortcut detector (default: the runs')")] = None,
     max_images: Annotated[int | None, typer.Option(help="at most this many mask images")] = None,
+    devices: DevicesOption = 1,
+    num_nodes: NodesOption = 1,
+    accelerator: AcceleratorOption = "auto",
 ) -> None:
     """Scorecard of models x methods (lung focus, faithfulness, sanity, robustness) and a shortcut detector."""
+    from cxrlens.distributed import launch
     from cxrlens.score import ScoreConfig, run_scorecard
 
     config = ScoreConfig(masks=masks, methods=methods.split(","), data=data, max_images=max_images, progress=True)
-    card = run_scorecard(run, out, config)
+    card = launch(run_scorecard, run, out, config, launch=_launch(devices, num_nodes, accelerator))
+    if card is None:  # not process 0
+        return
     for verdict in card.verdicts.values():
         typer.echo(verdict["summary"])
     typer.echo(f"scorecard written to {out}")

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from cxrlens import distributed
 from cxrlens.data import IMAGE_SUFFIXES, load_image_tensor, load_manifest
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.config import ExplainConfig
@@ -32,23 +34,37 @@ def _image_files(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def _input_files(config: ExplainConfig, run: LoadedRun) -> list[Path]:
+def _inputs(config: ExplainConfig, run: LoadedRun) -> tuple[list[Path], np.ndarray | None]:
+    """The image files, and their labels [N, classes] when they come from a data set."""
     if config.images:
-        return _image_files(config.images)
+        return _image_files(config.images), None
     manifest = load_manifest(config.data, run.taxonomy).split(config.split)
-    return [Path(p) for p in manifest.frame["path"].head(config.max_images)]
+    if config.max_images is not None:
+        manifest = manifest.select(np.arange(len(manifest)) < config.max_images)  # the first ones, in order
+    return [Path(p) for p in manifest.frame["path"]], manifest.targets
 
 
-def explain_runs(config: ExplainConfig, progress: bool = True) -> dict:
+def explain_runs(config: ExplainConfig, progress: bool = True, *, resume: bool = False,
+                 stop_after: int | None = None) -> dict | None:
     """Explain image files (or the first ``max_images`` of a data split) with every run; returns the summary
-    and saves ``config`` as config.json in ``config.out`` once everything is written."""
+    and saves ``config`` as config.json in ``config.out`` once everything is written.
+
+    With ``config.store`` (data-set scale) the images go chunk by chunk to a map store (or, with
+    ``metrics_only``, to scorecard metrics), on this process's share of the chunks when several run
+    (:mod:`cxrlens.distributed`); ``resume`` continues a store, ``stop_after`` stops after that many
+    chunks (see :func:`cxrlens.explain.dataset.explain_dataset`). Then the summary is returned on
+    process 0 and None on the others."""
     from cxrlens.explain import explain_images
 
     runs: list[LoadedRun] = [load_run(r) for r in config.runs]
     classes = runs[0].taxonomy.classes
     if any(r.taxonomy.classes != classes for r in runs):
         raise CxrlensError("runs of different taxonomies cannot be explained together")
-    files = _input_files(config, runs[0])
+    if config.store:
+        return _explain_store(config, runs, progress, resume, stop_after)
+    if distributed.world_size() > 1:
+        raise CxrlensError("several processes write a map store: add --store (or --metrics-only)")
+    files, _ = _inputs(config, runs[0])
     ids = [f.stem for f in files]
     summary: dict = {"images": ids, "models": {}}
     sizes = sorted({r.config.image_size for r in runs})
@@ -65,6 +81,33 @@ def explain_runs(config: ExplainConfig, progress: bool = True) -> dict:
         )
         summary["models"].update(part["models"])
     config.save(config.out)
+    return summary
+
+
+def _explain_store(config: ExplainConfig, runs: list[LoadedRun], progress: bool, resume: bool,
+                   stop_after: int | None) -> dict | None:
+    from cxrlens.explain.dataset import DatasetJob, MapSink, explain_dataset
+    from cxrlens.explain.report import _safe
+
+    classes = list(runs[0].taxonomy.classes)
+    if config.targets not in ("all", "positive", "true"):
+        _targets(config.targets, runs, torch.empty(0), classes)  # unknown class names fail here
+    files, labels = _inputs(config, runs[0])
+    job = DatasetJob(
+        ids=unique_names(_safe(f.stem) for f in files), paths=[str(f) for f in files], labels=labels,
+        classes=classes, models=dict(zip(unique_names(r.name for r in runs), runs, strict=True)),
+        methods=config.methods, targets=config.targets, settings=config.settings, chunk_size=config.chunk_size,
+        out=Path(config.out),
+    )
+    if config.metrics_only:
+        from cxrlens.score.online import MetricSink
+
+        sink = MetricSink(job, config.masks, config.metrics)
+    else:
+        sink = MapSink(job)
+    summary = explain_dataset(job, sink, resume=resume, progress=progress, stop_after=stop_after)
+    if summary is not None and summary["complete"]:
+        config.save(config.out)
     return summary
 
 

@@ -10,6 +10,9 @@
   and a JSON summary for a set of models and images (what the CLI calls).
 * :mod:`~cxrlens.explain.config` — ``ExplainConfig`` (one explain job, saved as config.json) and
   ``ExplainSettings`` (how maps are computed and drawn).
+* :mod:`~cxrlens.explain.dataset` — ``explain_dataset``: a whole data set in fixed chunks, shared
+  between processes, resumable; :mod:`~cxrlens.explain.store` — the float16 map store it writes
+  (``MapStore`` reads it back).
 
 Extension point: ``register_method`` (see :mod:`~cxrlens.explain.methods`).
 """
@@ -29,12 +32,14 @@ from cxrlens.explain.methods import (
 )
 from cxrlens.explain.report import explain_images
 from cxrlens.explain.rewrite import RewriteError, find_hazards, is_explainable, make_explainable
+from cxrlens.explain.store import MapStore
 
 __all__ = [
     "METHODS",
     "Attribution",
     "ExplainConfig",
     "ExplainSettings",
+    "MapStore",
     "Method",
     "MethodContext",
     "MethodResult",

@@ -55,9 +55,18 @@ class ExplainConfig:
     """One ``cxrlens explain`` job: enough to run it again.
 
     runs: run folders (models); images: image files or folders, or else ``data`` (a data set) whose
-    ``split`` (None: every image) gives the first ``max_images`` images; methods: name -> parameters
-    (see ``METHODS``); targets: 'all', 'positive' (classes the soft vote predicts) or comma-separated
-    class names; settings: how maps are computed and drawn.
+    ``split`` (None: every image) gives the first ``max_images`` images (None: all); methods: name ->
+    parameters (see ``METHODS``); targets: 'all', 'positive' (classes the soft vote predicts),
+    'true' (each image's labels; with ``data`` and ``store``) or comma-separated class names;
+    settings: how maps are computed and drawn.
+
+    Data-set scale (:mod:`cxrlens.explain.dataset`): ``store`` writes float16 maps in chunks of
+    ``chunk_size`` images with an index instead of per-image files and figures (resumable, and what
+    several processes write); ``metrics_only`` keeps no maps but the scorecard metrics of each
+    (image, class), computed on the fly with ``metrics`` (fields of
+    :class:`cxrlens.score.ScoreConfig`: steps, baseline, sanity_images, ...) against the masks of
+    ``masks`` (a mask folder; its images are matched to the data's by path, others score NaN on the
+    localisation metrics).
     """
 
     runs: list[str]
@@ -65,10 +74,15 @@ class ExplainConfig:
     images: list[str] = field(default_factory=list)
     data: str | None = None
     split: str | None = "test"
-    max_images: int = 8
+    max_images: int | None = 8
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {name: {} for name in METHODS})
     targets: str = "all"
     settings: ExplainSettings = field(default_factory=ExplainSettings)
+    store: bool = False
+    chunk_size: int = 32
+    metrics_only: bool = False
+    masks: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.settings, dict):  # read back from config.json
@@ -81,8 +95,15 @@ class ExplainConfig:
             raise CxrlensError("give at least one run folder (--run RUN_DIR)")
         if bool(self.images) == bool(self.data):
             raise CxrlensError("give either --image (files or folders) or --data (a data set), not both or neither")
-        if not isinstance(self.max_images, int) or self.max_images < 1:
-            raise CxrlensError(f"max_images must be a positive int, got {self.max_images!r}")
+        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
+            raise CxrlensError(f"max_images must be a positive int (or None: every image), got {self.max_images!r}")
+        self.store = bool(self.store or self.metrics_only)  # metrics are computed chunk by chunk, like the store
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise CxrlensError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.targets == "true" and not (self.store and self.data):
+            raise CxrlensError("targets 'true' (each image's labels) needs --data and --store")
+        if (self.masks or self.metrics) and not self.metrics_only:
+            raise CxrlensError("masks and metric settings are used by --metrics-only; add it, or leave them out")
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -11,8 +11,8 @@ the number of images. Split by concern:
 * :mod:`~cxrlens.nap.profile` — the profiler: ``compute_naps`` (models + any iterable of batches ->
   ``NapResult`` objects), layers, dead maps, distances, separation;
 * :mod:`~cxrlens.nap.figures` — the plots; :mod:`~cxrlens.nap.files` — arrays, JSON, figures on disk;
-* :mod:`~cxrlens.nap.run` — ``run_nap`` (runs or models + a manifest -> files in a folder), what
-  ``cxrlens nap`` calls.
+* :mod:`~cxrlens.nap.run` — ``run_nap`` (runs or models + a manifest -> files in a folder) and
+  ``run_nap_job`` (the same by folder names, on one or several processes), what ``cxrlens nap`` launches.
 """
 
 from cxrlens.nap.config import TOP_MAPS, NapConfig
@@ -28,7 +28,7 @@ from cxrlens.nap.groups import (
     resolve_groups,
 )
 from cxrlens.nap.profile import LayerNap, NapResult, compute_naps, resolve_layers
-from cxrlens.nap.run import run_nap
+from cxrlens.nap.run import NapJob, run_nap, run_nap_job
 
 __all__ = [
     "PRED_THRESHOLD",
@@ -37,6 +37,7 @@ __all__ = [
     "GroupSpec",
     "LayerNap",
     "NapConfig",
+    "NapJob",
     "NapResult",
     "compute_naps",
     "dead_share_lines",
@@ -51,4 +52,5 @@ __all__ = [
     "result_arrays",
     "result_stats",
     "run_nap",
+    "run_nap_job",
 ]

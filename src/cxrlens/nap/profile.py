@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrlens import distributed
 from cxrlens.errors import CxrlensError
 from cxrlens.io import progress_bar
 from cxrlens.models import MODELS
@@ -124,6 +125,17 @@ class _LayerAccumulator:
         if self.shape is None:
             return 0
         return sum(a.nbytes for a in (self.sums, self.map_sums, self.map_squares, self.min, self.max))
+
+    def reduce(self) -> None:
+        """Add up the sums of every process (and take min / max of the extremes); a process that saw
+        no image allocates zeros first, from the shape another one saw."""
+        shapes = [s for s in distributed.gather(self.raw_shape if self.shape is not None else None) if s is not None]
+        if not shapes:
+            return
+        if self.shape is None:
+            self._allocate(torch.empty((1, *shapes[0])))
+        for name, op in (("sums", "sum"), ("map_sums", "sum"), ("map_squares", "sum"), ("min", "min"), ("max", "max")):
+            getattr(self, name)[...] = distributed.all_reduce(getattr(self, name), op)
 
 
 @dataclass
@@ -283,6 +295,19 @@ class _ModelProfiler:
             torch.from_numpy(self.input_sums).addmm_(masks.t(), flat)
         self.captured.clear()  # drop the batch's activations before the next batch
 
+    def reduce(self) -> None:
+        """Combine the accumulators of every process (each profiled its own share of the images)."""
+        for accumulator in self.accumulators.values():
+            accumulator.reduce()
+        self.counts = distributed.all_reduce(self.counts)
+        self.images = int(distributed.all_reduce(np.array([self.images]))[0])
+        shapes = [s for s in distributed.gather(self.input_shape or None) if s is not None]
+        if shapes and self.input_sums is None:
+            self.input_shape = shapes[0]
+            self.input_sums = np.zeros((len(self.groups), math.prod(self.input_shape)), dtype=np.float64)
+        if self.input_sums is not None:
+            self.input_sums = distributed.all_reduce(self.input_sums)
+
     @property
     def nbytes(self) -> int:
         extra = self.input_sums.nbytes if self.input_sums is not None else 0
@@ -437,6 +462,8 @@ def compute_naps(
     weighting profiles activation x d(class logit)/d(activation) instead of the activation (after
     Krug & Stober's GradNAPs); dead maps are still judged on the raw activations. ``total``: images,
     for the progress bar; ``image_size``: recorded in the results (default ``config.image_size``).
+    Under several processes (:mod:`cxrlens.distributed`) each passes its own share of the batches; the
+    sums are added up across processes, so every process returns the NAPs of all the images.
     """
     config = config or NapConfig()
     config.check()
@@ -450,7 +477,10 @@ def compute_naps(
     for name, model in models.items():
         layers = resolve_layers(model, config.layers_for(name), architectures.get(name, name))
         profilers.append(_ModelProfiler(name, model, layers, named_groups, grad_class, len(classes)))
-    _stream(profilers, batches, total, config.progress)
+    _stream(profilers, batches, total, config.progress and distributed.is_main())
+    if distributed.active():  # every process profiled its own batches: add the sums up
+        for p in profilers:
+            p.reduce()
     return {
         p.name: NapResult(
             model=p.name, architecture=architectures.get(p.name, p.name if p.name in MODELS else None),

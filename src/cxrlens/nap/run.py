@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from cxrlens import distributed
 from cxrlens.errors import CxrlensError
 from cxrlens.io import unique_names
 from cxrlens.models import MODELS
@@ -65,14 +67,17 @@ def _profile(entries: list[_Entry], manifest: Any, classes: Sequence[str], confi
     from cxrlens.data import XrayDataset
 
     results: dict[str, NapResult] = {}
+    n, size_ = len(manifest), config.batch_size
+    # the batches one process would see; each process takes its share of them, whole (see cxrlens.distributed)
+    batches = [list(range(k * size_, min((k + 1) * size_, n))) for k in distributed.owned(-(-n // size_))]
     for size in dict.fromkeys(e.image_size for e in entries):
         members = [e for e in entries if e.image_size == size]
         dataset = XrayDataset(manifest, size, cache=False)  # no cache: memory stays flat
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers)
         results.update(compute_naps(
             {e.name: e.model for e in members}, loader, classes, config,
             architectures={e.name: e.architecture for e in members if e.architecture is not None},
-            total=len(dataset), image_size=size,
+            total=sum(len(b) for b in batches), image_size=size,
         ))
     return {e.name: results[e.name] for e in entries}  # keep the given order
 
@@ -98,10 +103,13 @@ def run_nap(runs: Any, manifest: Any, out_dir: str | Path, config: NapConfig | N
         ``nap_<model>_<layer>.png`` (groups x top-10 maps), ``nap_<model>_inputs.png``,
         ``nap_dead_maps.png``; ``config.json``: the config, the runs and the data.
 
-    Memory does not grow with the number of images.
+    Memory does not grow with the number of images. Under several processes (:func:`run_nap_job`,
+    :mod:`cxrlens.distributed`) each profiles its share of the batches, the sums are added up and
+    process 0 writes the files.
 
     Returns:
-        {"out_dir": str, "files": [paths], "stats": the JSON dict, "results": {model: NapResult}}.
+        {"out_dir": str, "files": [paths], "stats": the JSON dict, "results": {model: NapResult}};
+        on processes other than 0: None.
     """
     config = config or NapConfig()
     config.check()
@@ -112,10 +120,44 @@ def run_nap(runs: Any, manifest: Any, out_dir: str | Path, config: NapConfig | N
     resolve_groups(config.groups, classes)  # fail on a bad expression before any image is read
     for e in entries:  # and on a bad layer name
         resolve_layers(e.model, config.layers_for(e.name), e.architecture)
+    distributed.same_everywhere(_fingerprint(manifest), "image list")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     results = _profile(entries, manifest, classes, config)
+    if not distributed.is_main():
+        return None
     settings = {"runs": [e.run_dir or e.name for e in entries], "data": str(manifest.origin),
                 "splits": sorted(set(manifest.frame["split"]) - {""}), "images": len(manifest)}
     stats = write_outputs(out, results, list(classes), config, settings)
     return {"out_dir": str(out), "files": stats["files"], "stats": stats, "results": results}
+
+
+def _fingerprint(manifest: Any) -> str:
+    return hashlib.sha256("\n".join(manifest.frame["path"].astype(str)).encode()).hexdigest()
+
+
+@dataclass
+class NapJob:
+    """A NAP run by name only (run folders, data, split), so that every process can load it itself."""
+
+    runs: list[str]
+    out: str
+    data: str | None = None  # default: the first run's data set
+    split: str | None = "test"  # None: every image
+    config: NapConfig = field(default_factory=NapConfig)
+
+
+def run_nap_job(job: NapJob) -> dict | None:
+    """Load the runs and the data of ``job`` and call :func:`run_nap` (what ``cxrlens nap`` launches on
+    each process, models on that process's device)."""
+    from cxrlens.data import load_manifest
+    from cxrlens.runs import load_run
+
+    runs = [load_run(r) for r in job.runs]
+    if not runs:
+        raise CxrlensError("give at least one run folder (--run RUN_DIR)")
+    for run in runs:
+        run.model.to(distributed.device())
+    manifest = load_manifest(job.data or runs[0].config.data or None, runs[0].taxonomy).split(job.split)
+    return run_nap(runs, manifest, job.out, job.config)

@@ -11,7 +11,9 @@
   penultimate features and a verdict per model written from the numbers.
 * :mod:`~cxrlens.score.config` — ``ScoreConfig``, every setting of a scorecard.
 * :mod:`~cxrlens.score.scorecard` — ``run_scorecard(runs, out_dir, ScoreConfig(...))``, the library
-  entry that ``cxrlens score`` calls.
+  entry that ``cxrlens score`` calls (images in blocks, shared out when several processes run).
+* :mod:`~cxrlens.score.online` — ``MetricSink``: the scorecard's metrics of a whole data set, chunk
+  by chunk as it is explained, without keeping maps (``cxrlens explain --metrics-only``).
 """
 
 from cxrlens.score.config import ScoreConfig

@@ -33,7 +33,10 @@ class ScoreConfig:
     when the mean Spearman to the fully randomised model's maps is >= ``sanity_threshold``.
     robustness_* / noise: max-sensitivity under uniform noise of that radius. bootstrap: resamples
     for the CIs. device: where models run. gallery_size: worst offenders kept per model. rank_by:
-    scorecard metrics the models are ranked by.
+    scorecard metrics the models are ranked by. block_size: images scored together: maps, metrics
+    and random draws (random pixel order, noise; each block has its own seed) are computed block by
+    block, so the results do not depend on how many processes share the blocks, and only one block's
+    maps are held at a time.
     """
 
     masks: str | None = None
@@ -61,6 +64,7 @@ class ScoreConfig:
     gallery_size: int = 6
     rank_by: list[str] = field(default_factory=lambda: ["lung_focus", "faithfulness"])
     progress: bool = False
+    block_size: int = 16
 
     @property
     def mask_dir(self) -> Path:
@@ -88,6 +92,8 @@ class ScoreConfig:
             raise CxrlensError(f"steps must be a positive int, got {self.steps!r}")
         if self.max_batch < 1:
             raise CxrlensError(f"max_batch must be at least 1, not {self.max_batch}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise CxrlensError(f"block_size must be a positive int, not {self.block_size!r}")
         for metric in self.rank_by:
             get_metric(metric)
 

@@ -465,6 +465,13 @@ class MetricInputs:
     config: ScoreConfig
     shared: dict[str, Any] = field(default_factory=dict)  # results of this model x method
     model_shared: dict[str, Any] = field(default_factory=dict)  # results of this model, for every method
+    draw_seed: int | None = None  # seed of the random draws (pixel order, noise) of these images; None: config.seed
+
+    @property
+    def seed(self) -> int:
+        """The seed of this batch's random draws: the scorecard gives every block of images its own, so
+        that results do not depend on how the blocks are shared between processes."""
+        return self.config.seed if self.draw_seed is None else self.draw_seed
 
     def once(self, key: str, compute: Callable[[], Any], per_model: bool = False) -> Any:
         """``compute()``, run once per method (or once per model) however many metrics ask for it."""
@@ -582,7 +589,7 @@ def deletion_insertion(x: MetricInputs) -> dict[str, torch.Tensor]:
     """:func:`faithfulness` of the inputs' maps, run once per method; the random-order reference once per model."""
 
     def reference() -> dict[str, torch.Tensor]:
-        return random_order_auc(x.model, x.images, x.targets, seed=x.config.seed, steps=x.config.steps,
+        return random_order_auc(x.model, x.images, x.targets, seed=x.seed, steps=x.config.steps,
                                 baseline=x.config.baseline, max_batch=x.config.max_batch * 4)
 
     return x.once("faithfulness", lambda: faithfulness(
@@ -654,5 +661,5 @@ def _max_sensitivity(x: MetricInputs) -> np.ndarray:
         return x.on_subset("robustness", None)
     return x.on_subset("robustness", max_sensitivity(
         x.model, x.explain, x.images[index], n_samples=x.config.robustness_samples, radius=x.config.noise,
-        seed=x.config.seed, original=x.maps[index],
+        seed=x.seed, original=x.maps[index],
     ))

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cxrlens import distributed
 from cxrlens.errors import CxrlensError
 from cxrlens.io import save_figure, unique_names, write_json
 from cxrlens.runs import LoadedRun, atomic_write_text, load_run
@@ -204,7 +205,7 @@ def _scoring_masks(mask_set: MaskSet) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def _prepare(run: LoadedRun, name: str, mask_set: MaskSet, config: ScoreConfig) -> _ModelSetup:
-    device = torch.device(config.device)
+    device = distributed.device(config.device)
     target_idx, chosen = _choose_targets(mask_set, run.taxonomy, config.targets)
     images = mask_set.images.to(device)
     model = _explainable_model(run.model.to(device).eval(), config.methods, config.method_params, images)
@@ -252,41 +253,91 @@ def _image_rows(setup: _ModelSetup, method: str, values: dict[str, np.ndarray]) 
 
 
 def _gallery_candidates(setup: _ModelSetup, method: str, lung_focus: np.ndarray, maps: torch.Tensor,
-                        size: int) -> list[dict]:
-    """This method's pairs with the least evidence in the lungs, with their maps."""
-    ii, tt = np.nonzero(setup.chosen)
+                        size: int, block: np.ndarray) -> list[dict]:
+    """This method's pairs with the least evidence in the lungs among the images ``block`` (whose
+    ``lung_focus`` and ``maps`` these are), with their maps."""
+    ii, tt = np.nonzero(setup.chosen[block])
     order = np.argsort(np.nan_to_num(lung_focus[ii, tt], nan=np.inf), kind="stable")[:size]
     rel_paths = setup.frame["image"].to_numpy()
     return [
         {"model": setup.name, "method": method, "class": setup.classes[setup.target_idx[tt[j]]],
-         "image": rel_paths[ii[j]], "lung_focus": float(lung_focus[ii[j], tt[j]]), "index": int(ii[j]),
-         "map": maps[ii[j], tt[j]].detach().cpu()}
+         "image": rel_paths[block[ii[j]]], "lung_focus": float(lung_focus[ii[j], tt[j]]),
+         "index": int(block[ii[j]]), "map": maps[ii[j], tt[j]].detach().cpu()}
         for j in order
     ]
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The seed of block ``block``'s random draws (random pixel order, noise), derived from ``seed``."""
+    return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+
+
+def subset_positions(subset: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Positions within ``block`` (sorted image indices) of the members of ``subset`` it holds."""
+    return np.flatnonzero(np.isin(block, subset))
+
+
+def block_metrics(inputs: M.MetricInputs) -> tuple[dict[str, np.ndarray], M.RandomisationResult | None]:
+    """Every registered metric [B, T] of one block of images and its randomisation result."""
+    values = {metric: compute(inputs) for metric, compute in M.SCORECARD_METRICS.items()}
+    return values, M.randomisation(inputs)
+
+
+def _score_block(run: LoadedRun, setup: _ModelSetup, config: ScoreConfig, k: int, block: np.ndarray) -> dict:
+    """Block ``k`` (image indices ``block``) under every method: metric values, randomisation, gallery."""
+    images = setup.images[block]
+    masks = {name: mask[block] for name, mask in setup.masks.items()}
+    subsets = {name: subset_positions(members, block) for name, members in setup.subsets.items()}
+    model_shared: dict[str, Any] = {}  # e.g. the random-order AUCs, the same for every method
+    out = {}
+    for method in config.methods:
+        explain = _explainer(method, setup.target_idx, config.method_params.get(method, {}), config.max_batch,
+                             run.config.model)
+        inputs = M.MetricInputs(setup.model, explain, images, explain(setup.model, images), setup.target_idx, masks,
+                                subsets, config, model_shared=model_shared, draw_seed=block_seed(config.seed, k))
+        values, result = block_metrics(inputs)
+        out[method] = (values, result, _gallery_candidates(setup, method, values["lung_focus"], inputs.maps,
+                                                           config.gallery_size, block))
+    return out
+
+
+def combine_randomisation(parts: list[M.RandomisationResult | None]) -> M.RandomisationResult | None:
+    """The results of several blocks as one, images in block order."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return M.RandomisationResult(parts[0].layers, parts[0].n_randomised, torch.cat([p.spearman for p in parts], 1),
+                                 torch.cat([p.ssim for p in parts], 1))
 
 
 def score_model(run: LoadedRun, name: str, mask_set: MaskSet,
                 config: ScoreConfig) -> tuple[pd.DataFrame, dict, list[dict]]:
     """Per-image rows of every registered metric for one model and every method, its randomisation
-    results, and the candidates for the worst-offender gallery (with their maps)."""
+    results, and the candidates for the worst-offender gallery (with their maps).
+
+    The images are scored in blocks of ``config.block_size`` (each with its own random draws); under
+    several processes each scores its share of the blocks and the results are gathered, so every
+    process returns what one process computes alone."""
+    started = time.perf_counter()
     setup = _prepare(run, name, mask_set, config)
+    n, size = len(mask_set), config.block_size
+    blocks = [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+    mine = {k: _score_block(run, setup, config, k, blocks[k]) for k in distributed.owned(len(blocks))}
+    parts = [part for share in distributed.gather(mine) for part in share.items()]
+    by_block = [block for _, block in sorted(parts, key=lambda kv: kv[0])]
     rows, sanity, gallery = [], {}, []
-    model_shared: dict[str, Any] = {}  # e.g. the random-order AUCs, the same for every method
     for method in config.methods:
-        started = time.perf_counter()
-        explain = _explainer(method, setup.target_idx, config.method_params.get(method, {}), config.max_batch,
-                             run.config.model)
-        inputs = M.MetricInputs(setup.model, explain, setup.images, explain(setup.model, setup.images),
-                                setup.target_idx, setup.masks, setup.subsets, config, model_shared=model_shared)
-        values = {metric: compute(inputs) for metric, compute in M.SCORECARD_METRICS.items()}
-        result = M.randomisation(inputs)
+        values = {metric: np.concatenate([b[method][0][metric] for b in by_block]) for metric in M.SCORECARD_METRICS}
+        result = combine_randomisation([b[method][1] for b in by_block])
         if result is not None:
             index = setup.subsets["sanity"]
             sanity[method] = _sanity_record(result, setup.chosen[index], config, len(index))
         rows.append(_image_rows(setup, method, values))
-        gallery += _gallery_candidates(setup, method, values["lung_focus"], inputs.maps, config.gallery_size)
-        if config.progress:
-            print(f"score {name} / {method}: {time.perf_counter() - started:.1f} s")
+        candidates = [c for b in by_block for c in b[method][2]]
+        candidates.sort(key=lambda g: (math.inf if math.isnan(g["lung_focus"]) else g["lung_focus"]))
+        gallery += candidates[:config.gallery_size]
+    if config.progress and distributed.is_main():
+        print(f"score {name}: {time.perf_counter() - started:.1f} s")
     gallery.sort(key=lambda g: (math.inf if math.isnan(g["lung_focus"]) else g["lung_focus"]))
     return pd.concat(rows, ignore_index=True), sanity, gallery[:config.gallery_size]
 
@@ -405,10 +456,14 @@ def plot_gallery(gallery: dict[str, list[dict]], mask_sets: dict[str, MaskSet]) 
 
 
 def run_scorecard(runs: Sequence[str | Path | LoadedRun], out_dir: str | Path,
-                  config: ScoreConfig | None = None) -> Scorecard:
+                  config: ScoreConfig | None = None) -> Scorecard | None:
     """Score every run x attribution method x class and write the scorecard (and its ``config.json``)
     to ``out_dir``. runs: run folders or :class:`LoadedRun`; config: every setting (defaults:
-    ``ScoreConfig()``). Returns a :class:`Scorecard`."""
+    ``ScoreConfig()``). Returns a :class:`Scorecard`.
+
+    Under several processes (:func:`cxrlens.distributed.launch`) each scores its share of the image
+    blocks and of the shortcut probes; process 0 gathers the rows, writes the files and returns the
+    Scorecard, the others return None."""
     config = config or ScoreConfig()
     if not runs:
         raise CxrlensError("give at least one run folder to score")
@@ -418,6 +473,8 @@ def run_scorecard(runs: Sequence[str | Path | LoadedRun], out_dir: str | Path,
     loaded = [r if isinstance(r, LoadedRun) else load_run(r) for r in runs]
     names = unique_names(r.name for r in loaded)
     rows, sanity, galleries, shortcut, mask_sets = _score_runs(loaded, names, config)
+    if not distributed.is_main():
+        return None
     images = pd.concat(rows, ignore_index=True)
     table = summarise(images, config.bootstrap, config.seed)
     rankings = {metric: rank_models(images, metric, config.bootstrap, config.seed) for metric in config.rank_by}
@@ -440,10 +497,10 @@ def run_scorecard(runs: Sequence[str | Path | LoadedRun], out_dir: str | Path,
 def _score_runs(loaded: list[LoadedRun], names: list[str], config: ScoreConfig) -> tuple[list, dict, dict, dict, dict]:
     """Per model: the image rows, randomisation results, gallery, shortcut data and the mask set
     used (loaded once per input size)."""
-    device = torch.device(config.device)
+    device = distributed.device(config.device)
     cache: dict[int, MaskSet] = {}
     rows, sanity, galleries, shortcut, mask_sets = [], {}, {}, {}, {}
-    for run, name in zip(loaded, names, strict=True):
+    for i, (run, name) in enumerate(zip(loaded, names, strict=True)):
         size = run.config.image_size
         if size not in cache:
             cache[size] = load_mask_set(config.mask_dir, size, max_images=config.max_images)
@@ -452,9 +509,10 @@ def _score_runs(loaded: list[LoadedRun], names: list[str], config: ScoreConfig) 
         mask_sets[name] = cache[size]
         model_rows, sanity[name], galleries[name] = score_model(run, name, cache[size], config)
         rows.append(model_rows)
-        if config.shortcut:
+        if config.shortcut and i % distributed.world_size() == distributed.rank():  # one process per model
             shortcut[name] = _shortcut_data(run, config, device)
-    return rows, sanity, galleries, shortcut, mask_sets
+    merged = {k: v for share in distributed.gather(shortcut) for k, v in share.items()}
+    return rows, sanity, galleries, {name: merged[name] for name in names if name in merged}, mask_sets
 
 
 def _markdown(card: Scorecard) -> str:
