@@ -298,23 +298,29 @@ def patient_split(
 
 
 class XrayDataset(Dataset):
-    """Images of a manifest as [3, size, size] tensors with their multi-hot targets.
+    """Images of a manifest as [3, size, size] tensors with their multi-hot targets (NaN where unknown).
 
     Preprocessed images are cached in memory as float16 (a 224 px image takes 100 kB), so later
-    epochs skip decoding; augmentation, if any, runs on the cached tensor.
+    epochs skip decoding; augmentation, if any, runs on the cached tensor. With ``disk_cache`` (a built
+    :class:`cxrlens.datasets.cache.ImageCache` of these settings) images come from its memory map
+    instead, at uint8 precision, and nothing is held in memory: the way to feed a GPU from a large set.
     """
 
-    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True):
+    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True, disk_cache=None):
         self.manifest = manifest
         self.preprocess = Preprocess(size)
         self.augment = augment
-        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.disk_cache = disk_cache
+        self.cache: dict[int, torch.Tensor] | None = {} if cache and disk_cache is None else None
         self.targets = torch.from_numpy(manifest.targets_or_nan())  # NaN: unknown, left out of the loss
+        self.slots = disk_cache.locate(manifest.frame["path"].tolist()) if disk_cache is not None else None
 
     def __len__(self) -> int:
         return len(self.manifest)
 
     def image(self, index: int) -> torch.Tensor:
+        if self.slots is not None:
+            return self.disk_cache.tensor(*self.slots[index])
         if self.cache is not None and index in self.cache:
             return self.cache[index].float()
         tensor = self.preprocess(read_image(self.manifest.frame["path"].iat[index]))

@@ -20,8 +20,14 @@ from cxrlens.datasets.registry import (
     register_format,
 )
 
-# the readers register themselves on import, each in its module
-from cxrlens.datasets import local, nih  # noqa: E402, F401  isort: skip
+# the readers register themselves on import, each in its module (this order is the order `--format` lists)
+from cxrlens.datasets import local  # noqa: E402, F401  isort: skip
+from cxrlens.datasets import nih  # noqa: E402, F401  isort: skip
+from cxrlens.datasets import chexpert  # noqa: E402, F401  isort: skip
+from cxrlens.datasets import rsna  # noqa: E402, F401  isort: skip
+from cxrlens.datasets import vindr  # noqa: E402, F401  isort: skip
+from cxrlens.datasets import covidx  # noqa: E402, F401  isort: skip
+from cxrlens.datasets.boxes import box_mask_set  # noqa: E402  isort: skip
 
-__all__ = ["FORMATS", "RATER_POLICIES", "UNCERTAIN_POLICIES", "DataFormat", "ReadOptions", "Table", "detect_format",
-           "format_names", "get_format", "register_format"]
+__all__ = ["FORMATS", "RATER_POLICIES", "UNCERTAIN_POLICIES", "DataFormat", "ReadOptions", "Table", "box_mask_set",
+           "detect_format", "format_names", "get_format", "register_format"]
