@@ -229,8 +229,9 @@ def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3, m
     manifest = read_data(source, taxonomy, options)
     gone, total = manifest.missing, len(manifest) + len(manifest.missing)
     if len(gone) == 1 and missing != "skip":
+        where = f"{manifest.origin}, row {gone[0][0]}" if gone[0][0] else str(manifest.origin)
         raise CxrlensError(
-            f"{manifest.origin}, row {gone[0][0]}: image file missing: {gone[0][1]}; restore it, remove the row, "
+            f"{where}: image file missing: {gone[0][1]}; restore it, remove the row, "
             "or pass --skip-missing to leave it out"
         )
     if gone and (missing != "skip" or not len(manifest)):

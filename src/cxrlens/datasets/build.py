@@ -202,8 +202,6 @@ def encode_labels(frame: pd.DataFrame, taxonomy: Taxonomy, table: Table
         finding, uncertain = key.split("\x1f")
         positive, named[i] = taxonomy.encode_tokens(_tokens(finding, table.label_sep))
         unsure, _ = taxonomy.encode_tokens(_tokens(uncertain, table.label_sep))
-        for cls in [k for k, v in zip(taxonomy.classes, unsure, strict=True) if v]:
-            unsure[[taxonomy.classes.index(d) for d in taxonomy.descendants(cls)]] = 1
         pos = positive > 0
         known[i] = (base | pos) & ~((unsure > 0) & ~pos)
         targets[i] = positive

@@ -8,8 +8,9 @@ row per image). Values other than 0/1, or label names outside the documented 28,
 
 The radiologists disagree, so ``--raters`` chooses: ``majority`` (a label is positive when more than half of
 an image's radiologists give it; the boxes kept are those of the labels so decided) or ``any`` (one
-radiologist is enough; every box kept). Split: ``test`` as released; from ``train`` 1 image in 8 (stable
-hash) becomes ``val``. VinDr has no patient ids: every image is its own group. Boxes are in DICOM pixels.
+radiologist is enough; every box kept; ``No finding`` only when nobody found anything). Split: ``test`` as
+released; from ``train`` 1 image in 8 (stable hash) becomes ``val``. VinDr has no patient ids: every image
+is its own group. Boxes are in DICOM pixels.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _image_labels(csv: Path, raters: str, problems: list[str]) -> pd.DataFrame:
     count, positive = grouped.size().to_numpy()[:, None], grouped.sum()[columns].to_numpy()
     decided = positive * 2 > count if raters == "majority" else positive > 0
     names = [SPELLINGS.get(c, c) for c in columns]
+    if "No finding" in names:  # "no finding" from one radiologist does not stand beside another's finding
+        nothing = names.index("No finding")
+        decided[:, nothing] &= ~np.delete(decided, nothing, axis=1).any(axis=1)
     return pd.DataFrame({"image_id": grouped.size().index, "finding": join_flags(names, decided),
                          "raters": count[:, 0]})
 
