@@ -348,7 +348,10 @@ def write_manifest(manifest: Manifest, out: str | Path) -> None:
 
     out = Path(out).resolve()
     frame = manifest.frame.drop(columns=["_row"], errors="ignore")
-    frame["path"] = [os.path.relpath(p, out.parent) for p in frame["path"]]
+    parts = [p.rpartition(os.sep) for p in frame["path"].tolist()]
+    folders = {p[0] for p in parts}  # relpath once per folder: a data set has few folders and many files
+    relative = {f: os.path.relpath(f or os.sep, out.parent) for f in folders}
+    frame["path"] = [p[2] if relative[p[0]] == "." else relative[p[0]] + os.sep + p[2] for p in parts]
     if "cls" not in frame:
         frame["cls"] = frame["finding"]
     values = np.where(manifest.targets > 0.5, "1", "0").astype(object)

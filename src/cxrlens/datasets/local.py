@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlens.datasets.build import join_paths, read_csv
+from cxrlens.datasets.build import join_flags, join_paths, read_csv
 from cxrlens.datasets.registry import ReadOptions, Table, register_format
 from cxrlens.errors import CxrlensError
 
@@ -75,9 +75,8 @@ def read_labels(source: Path, options: ReadOptions) -> Table:
     encoded = [c for c in rows.columns if c.startswith(LABEL_PREFIX)]
     if encoded:  # written by write_manifest: the targets as they were, unknown ones included
         names = [c[len(LABEL_PREFIX):] for c in encoded]
-        values = rows[encoded].to_numpy()
-        rows["finding"] = ["|".join(n for n, v in zip(names, row, strict=True) if v == "1") for row in values]
-        rows["uncertain"] = ["|".join(n for n, v in zip(names, row, strict=True) if v == "") for row in values]
+        rows["finding"] = join_flags(names, np.stack([rows[c].eq("1").to_numpy() for c in encoded], axis=1))
+        rows["uncertain"] = join_flags(names, np.stack([rows[c].eq("").to_numpy() for c in encoded], axis=1))
         table.label_sep, table.strict, table.vocabulary = "|", False, tuple(names)
     return table
 

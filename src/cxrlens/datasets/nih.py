@@ -66,10 +66,9 @@ def _official_split(folder: Path, names: pd.Series, groups: pd.Series) -> pd.Ser
     train_val, test = folder / "train_val_list.txt", folder / "test_list.txt"
     if not (train_val.is_file() and test.is_file()):
         return pd.Series("", index=names.index)
-    test_names = set(test.read_text().split())
-    train_names = set(train_val.read_text().split())
-    split = np.where(names.isin(test_names), "test", np.where(names.isin(train_names), "train", ""))
-    return carve_val(pd.Series(split, index=names.index), groups)
+    official = dict.fromkeys(train_val.read_text().split(), "train") | dict.fromkeys(test.read_text().split(), "test")
+    split = [official.get(name, "") for name in names.tolist()]
+    return carve_val(pd.Series(split, index=names.index, dtype=object), groups)
 
 
 def _boxes(folder: Path, path_of: dict[str, str], problems: list[str]) -> pd.DataFrame | None:
