@@ -369,6 +369,17 @@ def test_rsna_dicoms_labels_and_boxes(tmp_path):
     assert fractional.sum() == (211 - 130) * (161 - 40) and fractional[40:161, 130:211].all()  # edges outwards
 
 
+def test_box_masks_command(tmp_path, monkeypatch, capsys):
+    folder = build_rsna(tmp_path / "rsna")
+    code, out, err = run_cli(monkeypatch, capsys, "box-masks", "--data", str(folder), "--out", str(tmp_path / "m"),
+                             "--taxonomy", "cxr3")
+    assert code == 0, err
+    assert len(pd.read_csv(tmp_path / "m" / "masks.csv")) == 2 and "box masks written to" in out
+    code, _, err = run_cli(monkeypatch, capsys, "box-masks", "--data", str(CXR3), "--out", str(tmp_path / "n"))
+    [line] = error_lines(err)
+    assert code == 2 and "no boxes; localisation boxes come with NIH" in line and not (tmp_path / "n").exists()
+
+
 VINDR_TRAIN = ("000434271f63a053c4128a0ba6352c7f", "00053190460d56c53cc3e57321387478")
 VINDR_TEST = "002a34c58c5b758217ed1f584ccbcfe9"
 
