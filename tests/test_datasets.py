@@ -660,3 +660,11 @@ def torch_stack_batches(loader):
     import torch
 
     return torch.cat([images for images, _ in loader])
+
+
+def test_saved_targets_are_used_for_their_own_taxonomy_only(tmp_path):
+    nih = load_manifest(build_nih(tmp_path / "nih"), NIH14)
+    write_manifest(nih, tmp_path / "labels.csv")
+    assert (load_manifest(tmp_path / "labels.csv", NIH14).targets == nih.targets).all()
+    study = load_manifest(tmp_path / "labels.csv")  # another taxonomy: NIH's findings, read afresh
+    assert (study.targets == load_manifest(tmp_path / "nih").targets).all()

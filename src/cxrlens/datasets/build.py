@@ -252,6 +252,10 @@ def finish(table: Table, taxonomy: Taxonomy, options: ReadOptions, fmt: str):
     """The :class:`~cxrlens.data.Manifest` of a reader's table (see the module docstring)."""
     from cxrlens.data import Manifest
 
+    if table.encoded is not None and tuple(table.encoded[0]) == taxonomy.classes:  # saved targets, exactly
+        names, positive, unknown = table.encoded
+        table.frame["finding"], table.frame["uncertain"] = positive, unknown
+        table.label_sep, table.strict, table.vocabulary = "|", False, tuple(names)
     frame = _defaults(table.frame)
     problems, dropped = list(table.problems), dict(table.dropped)
     frame["view"] = normalise_views(frame["view"])

@@ -74,10 +74,10 @@ def read_labels(source: Path, options: ReadOptions) -> Table:
     table = Table(rows, csv, csv, root=None, label_sep=None, strict=True)
     encoded = [c for c in rows.columns if c.startswith(LABEL_PREFIX)]
     if encoded:  # written by write_manifest: the targets as they were, unknown ones included
-        names = [c[len(LABEL_PREFIX):] for c in encoded]
-        rows["finding"] = join_flags(names, np.stack([rows[c].eq("1").to_numpy() for c in encoded], axis=1))
-        rows["uncertain"] = join_flags(names, np.stack([rows[c].eq("").to_numpy() for c in encoded], axis=1))
-        table.label_sep, table.strict, table.vocabulary = "|", False, tuple(names)
+        names = tuple(c[len(LABEL_PREFIX):] for c in encoded)
+        positive = np.stack([rows[c].eq("1").to_numpy() for c in encoded], axis=1)
+        unknown = np.stack([rows[c].eq("").to_numpy() for c in encoded], axis=1)
+        table.encoded = (names, join_flags(names, positive), join_flags(names, unknown))
     return table
 
 

@@ -68,6 +68,8 @@ class Table:
     as the study did. boxes: localisation ground truth (``path, finding, x, y, w, h, ref_w, ref_h``; the
     reference size the coordinates refer to, NaN for the image's own size). dropped: rows the reader left
     out, by reason. problems: error lines found while reading (bad label values), raised together.
+    encoded: targets as :func:`cxrlens.data.write_manifest` saved them (class names, positive and unknown
+    classes per row): used instead of the findings when the taxonomy has exactly those classes.
     """
 
     frame: pd.DataFrame
@@ -81,6 +83,7 @@ class Table:
     boxes: pd.DataFrame | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    encoded: tuple | None = None
 
 
 Reader = Callable[[Path, ReadOptions], Table]
