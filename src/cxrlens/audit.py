@@ -74,6 +74,7 @@ class DataAudit:
     sizes: dict = field(default_factory=dict)  # width/height -> min, median, max
     depths: dict = field(default_factory=dict)  # depth -> images
     fingerprint: str = ""  # of the rows' pixels, labels and splits: the same data wherever it lies
+    notes: list[str] = field(default_factory=list)  # rows the reader left out (views, labels), by reason
 
     def guard(self, allow_leaks: bool = False, fix: str = TRAIN_FIX) -> list[str]:
         """Raise for unreadable images, and for leaks and conflicts unless ``allow_leaks`` (the error ends
@@ -361,12 +362,17 @@ def audit_manifest(manifest: Manifest, progress: bool = True, patients: bool = T
     return audit
 
 
-def audit_data(data: str | Path | None = None, taxonomy: str = "cxr3", progress: bool = True) -> DataAudit:
-    """The audit of a data set as `cxrlens check-data` prints it (missing files are listed, not refused)."""
+def audit_data(data: str | Path | None = None, taxonomy: str = "cxr3", progress: bool = True,
+               options=None) -> DataAudit:
+    """The audit of a data set as `cxrlens check-data` prints it (missing files are listed, not refused);
+    ``options``: how to read it (:class:`cxrlens.datasets.ReadOptions`)."""
     from cxrlens.data import load_manifest
     from cxrlens.taxonomy import get_taxonomy
 
-    return audit_manifest(load_manifest(data or None, get_taxonomy(taxonomy), missing="skip"), progress)
+    manifest = load_manifest(data or None, get_taxonomy(taxonomy), missing="skip", options=options)
+    audit = audit_manifest(manifest, progress)
+    audit.notes = manifest.notes()
+    return audit
 
 
 def check_evaluation_data(run_config, manifest: Manifest, allow_leaks: bool = False, progress: bool = True) -> list:
@@ -376,7 +382,8 @@ def check_evaluation_data(run_config, manifest: Manifest, allow_leaks: bool = Fa
     from cxrlens.data import load_manifest
 
     try:
-        training = load_manifest(run_config.data or None, run_config.tax, missing="skip")
+        training = load_manifest(run_config.data or None, run_config.tax, missing="skip",
+                                 options=run_config.read_options)
     except CxrlensError as exc:  # e.g. a run copied to a machine without its training data
         if progress:
             print(f"note: overlap with the training data was not checked ({exc})", file=sys.stderr)
@@ -437,6 +444,7 @@ def audit_summary(audit: DataAudit) -> str:
     """A few lines for the terminal."""
     total = audit.counts.get("all", {}).get("total", {})
     lines = [f"{audit.origin}: {audit.images} images, {total.get('patients', 0)} patients"]
+    lines += [f"  note: {note}" for note in audit.notes]
     for split, per_class in audit.counts.items():
         if split == "all":
             continue

@@ -22,6 +22,21 @@ app = typer.Typer(
 # Defaults of `train` live in TrainConfig: every option is None unless given, so `--resume` knows what was given.
 _TRAIN = TrainConfig()
 
+# How a data set is read (cxrlens.datasets.ReadOptions), shared by the commands that read one.
+FormatOption = Annotated[str, typer.Option(
+    "--format", help="data set layout: auto (detected), labels, cohen, folders, nih, chexpert, mimic, rsna, vindr, "
+    "covidx")]
+ViewsOption = Annotated[str, typer.Option(help="frontal, lateral, all, or view codes such as PA,AP")]
+UncertainOption = Annotated[str, typer.Option(help="CheXpert/MIMIC uncertain labels: ignore, zeros or ones")]
+RatersOption = Annotated[str, typer.Option(help="VinDr-CXR radiologists: majority or any")]
+TAXONOMY_HELP = "cxr3, paper14, nih14, chexpert14 or vindr"
+
+
+def _read_options(data_format: str, views: str, uncertain: str, raters: str):
+    from cxrlens.datasets import ReadOptions
+
+    return ReadOptions(data_format, views, uncertain, raters)
+
 
 def _default(name: str) -> str:
     value = getattr(_TRAIN, name)
@@ -42,7 +57,18 @@ def train(
         str | None, typer.Option(help="data folder or manifest (default: bundled data/cxr3)", show_default=False)
     ] = None,
     out: Annotated[str | None, typer.Option(help="run folder to write", show_default=_default("out"))] = None,
-    taxonomy: Annotated[str | None, typer.Option(help="cxr3 or paper14", show_default=_default("taxonomy"))] = None,
+    taxonomy: Annotated[str | None, typer.Option(help=TAXONOMY_HELP, show_default=_default("taxonomy"))] = None,
+    data_format: Annotated[str | None, typer.Option(
+        "--format", help="data set layout (auto: detected; see `cxrlens formats`)", show_default=_default(
+            "data_format"))] = None,
+    views: Annotated[str | None, typer.Option(help="frontal, lateral, all, or view codes such as PA,AP",
+                                              show_default=_default("views"))] = None,
+    uncertain: Annotated[str | None, typer.Option(help="CheXpert/MIMIC uncertain labels: ignore, zeros, ones",
+                                                  show_default=_default("uncertain"))] = None,
+    raters: Annotated[str | None, typer.Option(help="VinDr-CXR radiologists: majority or any",
+                                               show_default=_default("raters"))] = None,
+    cache: Annotated[str | None, typer.Option(
+        help="folder of a preprocessed image cache (uint8, memory-mapped), built on first use")] = None,
     epochs: Annotated[int | None, typer.Option(show_default=_default("epochs"))] = None,
     image_size: Annotated[int | None, typer.Option(show_default=_default("image_size"))] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=_default("batch_size"))] = None,
@@ -101,11 +127,17 @@ def evaluate(
     allow_leaks: Annotated[
         bool, typer.Option("--allow-leaks", help="evaluate although the images overlap the training data")
     ] = False,
+    data_format: FormatOption = "auto",
+    views: ViewsOption = "frontal",
+    uncertain: UncertainOption = "ignore",
+    raters: RatersOption = "majority",
 ) -> None:
-    """Per-class metrics of a run on a split, with plots."""
+    """Per-class metrics of a run on a split, with plots; --data OTHER validates it on another data set."""
     from cxrlens.evaluate import evaluate_run, f1_line
 
-    metrics = evaluate_run(run, data, None if split == "all" else split, threshold, out, allow_leaks=allow_leaks)
+    options = _read_options(data_format, views, uncertain, raters)
+    metrics = evaluate_run(run, data, None if split == "all" else split, threshold, out, allow_leaks=allow_leaks,
+                           options=options)
     typer.echo(f1_line(metrics))
 
 
@@ -113,12 +145,16 @@ def evaluate(
 def check_data(
     data: Annotated[str | None, typer.Option(help="data folder or manifest (default: bundled data/cxr3)")] = None,
     out: Annotated[str | None, typer.Option(help="folder for audit.json and audit.md")] = None,
-    taxonomy: str = "cxr3",
+    taxonomy: Annotated[str, typer.Option(help=TAXONOMY_HELP)] = "cxr3",
+    data_format: FormatOption = "auto",
+    views: ViewsOption = "frontal",
+    uncertain: UncertainOption = "ignore",
+    raters: RatersOption = "majority",
 ) -> None:
     """Audit a data set: counts per split and class, missing/unreadable files, duplicates, leaks, image sizes."""
     from cxrlens.audit import audit_data, audit_summary, write_audit
 
-    audit = audit_data(data, taxonomy)
+    audit = audit_data(data, taxonomy, options=_read_options(data_format, views, uncertain, raters))
     typer.echo(audit_summary(audit))
     if out:
         typer.echo(f"audit written to {write_audit(audit, out)}")
@@ -154,12 +190,16 @@ def split(
     fractions: Annotated[str, typer.Option(help="e.g. 0.7,0.15,0.15 or 0.6,0.4")] = "0.7,0.15,0.15",
     names: Annotated[str, typer.Option(help="e.g. train,val,test or train,test")] = "train,val,test",
     seed: int = 0,
-    taxonomy: str = "cxr3",
+    taxonomy: Annotated[str, typer.Option(help=TAXONOMY_HELP)] = "cxr3",
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="leave out rows whose image is missing")] = (
         False
     ),
+    data_format: FormatOption = "auto",
+    views: ViewsOption = "frontal",
+    uncertain: UncertainOption = "ignore",
+    raters: RatersOption = "majority",
 ) -> None:
-    """Write a manifest with a new patient-level split, stratified by class."""
+    """Write a manifest (our labels.csv, from any layout) with a new patient-level split, stratified by class."""
     from cxrlens.data import load_manifest, patient_split, write_manifest
     from cxrlens.taxonomy import get_taxonomy
 
@@ -167,7 +207,8 @@ def split(
         parts = tuple(float(f) for f in fractions.split(","))
     except ValueError:
         raise CxrlensError(f"--fractions must be numbers separated by commas, not '{fractions}'") from None
-    manifest = load_manifest(data, get_taxonomy(taxonomy), missing="skip" if skip_missing else "error")
+    manifest = load_manifest(data, get_taxonomy(taxonomy), missing="skip" if skip_missing else "error",
+                             options=_read_options(data_format, views, uncertain, raters))
     left_out = f"; {len(manifest.missing)} rows with a missing image left out" if manifest.missing else ""
     manifest = patient_split(manifest, parts, tuple(names.split(",")), seed)
     write_manifest(manifest, out)
@@ -366,6 +407,36 @@ def demo(
     from cxrlens.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=out, image_size=image_size, epochs=epochs or None, max_images=max_images, models=models))
+
+
+@app.command("formats")
+def list_formats() -> None:
+    """The data set layouts `--format` accepts, one per line with what detection looks for."""
+    from cxrlens.datasets import FORMATS
+
+    typer.echo("\n".join(f"{f.name}: {f.looks_for}" for f in FORMATS.values()))
+
+
+@app.command("box-masks")
+def box_masks(
+    data: Annotated[str, typer.Option(help="a data set with boxes: NIH, RSNA or VinDr-CXR")],
+    out: Annotated[str, typer.Option(help="mask folder to write (masks.csv + masks/*.png)")],
+    findings: Annotated[str | None, typer.Option(help="comma-separated box findings (default: all)")] = None,
+    split: Annotated[str, typer.Option(help="split whose images to take; 'all' for every image")] = "all",
+    taxonomy: Annotated[str, typer.Option(help=TAXONOMY_HELP)] = "nih14",
+    data_format: FormatOption = "auto",
+    raters: RatersOption = "majority",
+) -> None:
+    """Localisation ground truth from a data set's boxes as a mask folder for `cxrlens score --masks`."""
+    from cxrlens.data import load_manifest
+    from cxrlens.datasets import box_mask_set
+    from cxrlens.taxonomy import get_taxonomy
+
+    manifest = load_manifest(data, get_taxonomy(taxonomy), missing="skip",
+                             options=_read_options(data_format, "frontal", "ignore", raters))
+    manifest = manifest.split(None if split == "all" else split)
+    folder = box_mask_set(manifest, out, findings.split(",") if findings else None)
+    typer.echo(f"box masks written to {folder}")
 
 
 @app.command("models")

@@ -1,14 +1,11 @@
 """Data: image readers, manifests, patient-level splits, preprocessing and a torch Dataset.
 
-Three manifest formats are read into one ``Manifest`` (a table with absolute ``path``,
-``patient_group``, ``split``, ``source`` and the derived multi-label ``targets``):
-
-* our ``labels.csv`` (columns ``path`` and ``cls`` or ``finding``; optional ``patient_group``/``patient_id``,
-  ``split``, ``source``), as in ``data/cxr3``;
-* Cohen's COVID-19 image data collection ``metadata.csv`` (``patientid, finding, view, filename``, images
-  in ``images/``), frontal views only, as in the study;
-* a folder per class (``COVID/``, ``Normal/``, ``Viral Pneumonia/``), optionally below split folders
-  (``train/COVID/...``).
+Every data set layout is read into one ``Manifest`` (a table with absolute ``path``, ``patient_group``,
+``split``, ``source``, ``view`` and the derived multi-label ``targets``, which targets are known, and
+localisation boxes where the data set has them). The readers are a registry, one module per layout, in
+:mod:`cxrlens.datasets`: our ``labels.csv`` (as in ``data/cxr3``), Cohen's ``metadata.csv``, a folder per
+class, NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, RSNA Pneumonia, VinDr-CXR and COVIDx.
+:func:`load_manifest` detects the layout (or takes ``ReadOptions(format=...)``); frontal views by default.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +23,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from cxrlens.datasets.registry import ReadOptions
 from cxrlens.errors import CxrlensError
 from cxrlens.taxonomy import CXR3, Taxonomy
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
-FRONTAL_VIEWS = {"PA", "AP", "AP SUPINE", "AP ERECT", "AP SEMI ERECT"}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "cxr3"
 
 # One pixel cap for every reader (CLI and web app): a chest X-ray has < 10 MP, so larger declared sizes are
 # refused as decompression bombs. Pillow warns above this and refuses above twice this.
 MAX_PIXELS = 50_000_000
+# Above this many pixels (no ordinary X-ray has that many) an image read for a model is decoded reduced.
+REDUCE_ABOVE = 16_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -48,9 +47,9 @@ def read_image(path: str | Path, target_size: int | None = None) -> np.ndarray:
     PNG/JPEG of 8 or 16 bits, greyscale or colour (converted to grey; transparent pixels on black),
     and DICOM (rescale slope/intercept applied, MONOCHROME1 inverted so bone is bright). Images over
     ``MAX_PIXELS`` and non-finite pixel values are errors. With ``target_size`` (the model's input
-    side), an image whose long side exceeds 8x that is decoded reduced (JPEG's DCT scaling, else
-    Pillow's box reduction) to a long side of at least 4x it: a 10,000 px PNG for a 128 px model
-    then takes megabytes, not gigabytes, and ordinary X-rays are read in full.
+    side), an image of over ``REDUCE_ABOVE`` pixels is decoded reduced (JPEG's DCT scaling, else
+    Pillow's box reduction) to a long side of at least 4x that: an 8,000 px scan for a 128 px model
+    then takes megabytes, not gigabytes, while ordinary X-rays are read in full, as everywhere else.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,7 +103,9 @@ def _too_large(name: str, declared: str) -> CxrlensError:
 
 
 def _reduced(img: Image.Image, target_size: int | None) -> Image.Image:
-    factor = max(img.size) // (4 * target_size) if target_size else 1
+    if not target_size or img.width * img.height <= REDUCE_ABOVE:
+        return img
+    factor = max(img.size) // (4 * target_size)
     if factor < 2:
         return img
     if img.format == "JPEG":  # decoded at 1/2, 1/4 or 1/8 scale: never smaller than asked
@@ -226,11 +227,15 @@ def load_image_tensor(path: str | Path, size: int = 224) -> torch.Tensor:
 class Manifest:
     """A table of images with derived multi-label targets."""
 
-    frame: pd.DataFrame  # columns: path (absolute), patient_group, split (may be ''), source, finding, _row
+    frame: pd.DataFrame  # columns: path (absolute), patient_group, split (may be ''), source, finding, view, _row
     targets: np.ndarray  # [n, num_classes] float32 0/1
     taxonomy: Taxonomy
     origin: Path  # the file or folder it was read from
     missing: list[tuple[int, str]] = field(default_factory=list)  # (CSV line, path) of rows whose file is missing
+    known: np.ndarray | None = None  # [n, num_classes] bool: False where the label is unknown; None: all known
+    boxes: pd.DataFrame | None = None  # localisation ground truth: path, finding, x, y, w, h, ref_w, ref_h
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out while reading, by reason
+    format: str = ""  # the layout it was read as (cxrlens.datasets.FORMATS)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -241,7 +246,9 @@ class Manifest:
 
     def select(self, mask: np.ndarray | pd.Series) -> Manifest:
         mask = np.asarray(mask, dtype=bool)
-        return Manifest(self.frame[mask].reset_index(drop=True), self.targets[mask], self.taxonomy, self.origin)
+        known = None if self.known is None else self.known[mask]
+        return replace(self, frame=self.frame[mask].reset_index(drop=True), targets=self.targets[mask], known=known,
+                       missing=[])
 
     def split(self, name: str | None) -> Manifest:
         """The rows of split ``name``; without a split column, or with ``name`` None, every row."""
@@ -262,145 +269,51 @@ class Manifest:
     def class_counts(self) -> dict[str, int]:
         return {c: int(v) for c, v in zip(self.taxonomy.classes, self.targets.sum(0), strict=True)}
 
+    def targets_or_nan(self) -> np.ndarray:
+        """The targets with NaN where the label is unknown (e.g. CheXpert's uncertain labels under
+        ``--uncertain ignore``): the loss and the metrics leave those entries out."""
+        if self.known is None:
+            return self.targets
+        return np.where(self.known, self.targets, np.nan).astype(np.float32)
 
-def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3, missing: str = "error") -> Manifest:
-    """Read a data set in any supported format; ``source`` is a CSV file or a folder.
+    def notes(self) -> list[str]:
+        """What was left out while reading, one line per reason (for the terminal)."""
+        return [f"{self.origin}: {n} rows left out ({why})" for why, n in self.dropped.items() if n]
+
+
+def load_manifest(source: str | Path | None = None, taxonomy: Taxonomy = CXR3, missing: str = "error",
+                  options: ReadOptions | None = None) -> Manifest:
+    """Read a data set in any supported format (``cxrlens.datasets.FORMATS``: our labels.csv, Cohen,
+    class folders, NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, RSNA Pneumonia, VinDr-CXR, COVIDx);
+    ``source`` is a folder or a table file, ``options`` the format (default: detected), views,
+    uncertainty and rater policies.
 
     Rows whose image file does not exist are an error naming how many and the first few
     (``missing="error"``), or are left out and listed in ``Manifest.missing`` (``missing="skip"``)."""
-    manifest = _load_manifest(source, taxonomy)
+    from cxrlens.datasets.build import read_data
+
+    options = options or ReadOptions()
+    options.check()
+    source = Path(source) if source is not None else DEFAULT_DATA
+    if not source.exists():
+        raise CxrlensError(f"data not found: {source}; give a folder or a labels CSV")
+    manifest = read_data(source, taxonomy, options)
     gone, total = manifest.missing, len(manifest) + len(manifest.missing)
     if len(gone) == 1 and missing != "skip":
+        where = f"{manifest.origin}, row {gone[0][0]}" if gone[0][0] else str(manifest.origin)
         raise CxrlensError(
-            f"{manifest.origin}, row {gone[0][0]}: image file missing: {gone[0][1]}; restore it, remove the row, "
+            f"{where}: image file missing: {gone[0][1]}; restore it, remove the row, "
             "or pass --skip-missing to leave it out"
         )
     if gone and (missing != "skip" or not len(manifest)):
-        shown = "; ".join(f"row {row}: {path}" for row, path in gone[:3]) + ("; ..." if len(gone) > 3 else "")
+        shown = "; ".join(f"row {row}: {path}" if row else path for row, path in gone[:3])
+        shown += "; ..." if len(gone) > 3 else ""
         fix = "restore them, remove their rows, or pass --skip-missing to leave them out"
         raise CxrlensError(
             f"{manifest.origin}: {len(gone)} of {total} image files are missing ({shown}); "
             + (fix if len(manifest) else "is the manifest in the folder its paths start from?")
         )
     return manifest
-
-
-def _load_manifest(source: str | Path | None, taxonomy: Taxonomy) -> Manifest:
-    source = Path(source) if source is not None else DEFAULT_DATA
-    if not source.exists():
-        raise CxrlensError(f"data not found: {source}; give a folder or a labels CSV")
-    if source.is_dir():
-        for name in ("labels.csv", "metadata.csv"):
-            if (source / name).is_file():
-                return _load_manifest(source / name, taxonomy)
-        return _read_class_folders(source, taxonomy)
-    try:
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise CxrlensError(f"cannot read manifest {source}: {str(exc).splitlines()[0][:160]}") from None
-    columns = set(frame.columns)
-    if {"patientid", "finding", "filename"} <= columns:
-        return _read_cohen(frame, source, taxonomy)
-    if "path" in columns and ({"cls", "finding", "label"} & columns):
-        return _read_labels_csv(frame, source, taxonomy)
-    raise CxrlensError(
-        f"{source}: unrecognised columns {sorted(columns)[:12]}; expected our labels.csv "
-        "(path + cls or finding) or Cohen's metadata.csv (patientid, finding, view, filename)"
-    )
-
-
-def _finish(rows: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
-    """Derive targets, set missing files aside, fill optional columns. Errors name the CSV line (``_line``),
-    kept as column ``_row`` (0 for images found in class folders) so later checks can name rows too."""
-    lines = rows.pop("_line").tolist() if "_line" in rows else [i + 2 for i in range(len(rows))]
-    targets = np.zeros((len(rows), taxonomy.num_classes), dtype=np.float32)
-    for i, finding in enumerate(rows["finding"]):
-        try:
-            targets[i] = taxonomy.encode(finding)
-        except KeyError:
-            raise CxrlensError(
-                f"{source}, row {lines[i]}: unknown label '{finding}'; taxonomy '{taxonomy.name}' knows "
-                f"{', '.join(taxonomy.classes)} (use --taxonomy or fix the row)"
-            ) from None
-    present = np.array([os.path.isfile(path) for path in rows["path"]], dtype=bool)
-    missing = [(int(line), path) for line, path, ok in zip(lines, rows["path"], present, strict=True) if not ok]
-    rows, targets = rows[present].copy(), targets[present]
-    rows["_row"] = np.asarray(lines, dtype=int)[present] if source.is_file() else 0
-    for column, default in (("split", ""), ("source", "unknown")):
-        if column not in rows:
-            rows[column] = default
-    if "patient_group" not in rows:
-        rows["patient_group"] = rows["patient_id"] if "patient_id" in rows else rows["path"]
-    rows["patient_group"] = rows["patient_group"].astype(str).where(rows["patient_group"] != "", rows["path"])
-    rows["split"] = rows["split"].astype(str).str.strip().str.lower()
-    return Manifest(rows.reset_index(drop=True), targets, taxonomy, source, missing)
-
-
-def _read_labels_csv(frame: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
-    rows = frame.copy()
-    label_column = next(c for c in ("finding", "cls", "label") if c in rows)
-    # cxr3's cls (covid/pneumonia/normal) is the cleanest label; NIH findings carry extra words
-    if "cls" in rows:
-        label_column = "cls"
-    rows["finding"] = rows[label_column]
-    empty = rows["path"].str.strip() == ""
-    if empty.any():
-        raise CxrlensError(f"{source}, row {int(np.argmax(empty.values)) + 2}: empty 'path'")
-    rows["path"] = [str((source.parent / p).resolve()) for p in rows["path"]]
-    return _finish(rows, source, taxonomy)
-
-
-def _read_cohen(frame: pd.DataFrame, source: Path, taxonomy: Taxonomy) -> Manifest:
-    rows = frame.copy()
-    rows["_line"] = np.arange(len(rows)) + 2
-    if "view" in rows:
-        rows = rows[rows["view"].str.upper().str.replace("_", " ").isin(FRONTAL_VIEWS)]
-    if "modality" in rows:
-        rows = rows[rows["modality"].str.upper().isin({"X-RAY", "XRAY", "CR", "DX", ""})]
-    folder = rows["folder"] if "folder" in rows else pd.Series("images", index=rows.index)
-    rows["path"] = [str((source.parent / f / n).resolve()) for f, n in zip(folder, rows["filename"], strict=True)]
-    rows["patient_group"] = "cohen:" + rows["patientid"].astype(str)
-    rows["source"] = "cohen"
-    # the study dropped findings it did not model ("todo", unknown): keep only known ones
-    known = [_knows(taxonomy, f) for f in rows["finding"]]
-    rows = rows[known]
-    if rows.empty:
-        raise CxrlensError(f"{source}: no frontal X-ray with a known finding; check the 'view' and 'finding' columns")
-    return _finish(rows.reset_index(drop=True), source, taxonomy)
-
-
-def _knows(taxonomy: Taxonomy, finding: str) -> bool:
-    try:
-        taxonomy.encode(finding)
-        return True
-    except KeyError:
-        return False
-
-
-def _read_class_folders(root: Path, taxonomy: Taxonomy) -> Manifest:
-    records = []
-    split_names = {"train", "val", "valid", "validation", "test"}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        parts = path.relative_to(root).parts
-        if len(parts) < 2:
-            continue
-        split = parts[0].lower() if len(parts) >= 3 and parts[0].lower() in split_names else ""
-        split = {"valid": "val", "validation": "val"}.get(split, split)
-        records.append({"path": str(path.resolve()), "finding": parts[-2], "split": split, "source": root.name})
-    if not records:
-        raise CxrlensError(
-            f"{root}: no labels.csv, metadata.csv or class folders with images (e.g. {root}/COVID/*.png)"
-        )
-    rows = pd.DataFrame(records)
-    for folder in sorted(set(rows["finding"])):
-        if not _knows(taxonomy, folder):
-            raise CxrlensError(
-                f"{root / folder}: folder name is not a class of taxonomy '{taxonomy.name}' "
-                f"({', '.join(taxonomy.classes)}); rename the folder"
-            )
-    return _finish(rows, root, taxonomy)
 
 
 # --- patient-level splits ------------------------------------------------------------------------
@@ -450,30 +363,36 @@ def patient_split(
             split_of_group[group] = names[int(np.searchsorted(bounds, p))]
     frame = manifest.frame.copy()
     frame["split"] = frame["patient_group"].map(split_of_group)
-    return Manifest(frame, manifest.targets, manifest.taxonomy, manifest.origin)
+    return replace(manifest, frame=frame)
 
 
 # --- torch dataset -------------------------------------------------------------------------------
 
 
 class XrayDataset(Dataset):
-    """Images of a manifest as [3, size, size] tensors with their multi-hot targets.
+    """Images of a manifest as [3, size, size] tensors with their multi-hot targets (NaN where unknown).
 
     Preprocessed images are cached in memory as float16 (a 224 px image takes 100 kB), so later
-    epochs skip decoding; augmentation, if any, runs on the cached tensor.
+    epochs skip decoding; augmentation, if any, runs on the cached tensor. With ``disk_cache`` (a built
+    :class:`cxrlens.datasets.cache.ImageCache` of these settings) images come from its memory map
+    instead, at uint8 precision, and nothing is held in memory: the way to feed a GPU from a large set.
     """
 
-    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True):
+    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True, disk_cache=None):
         self.manifest = manifest
         self.preprocess = Preprocess(size)
         self.augment = augment
-        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
-        self.targets = torch.from_numpy(manifest.targets)
+        self.disk_cache = disk_cache
+        self.cache: dict[int, torch.Tensor] | None = {} if cache and disk_cache is None else None
+        self.targets = torch.from_numpy(manifest.targets_or_nan())  # NaN: unknown, left out of the loss
+        self.slots = disk_cache.locate(manifest.frame["path"].tolist()) if disk_cache is not None else None
 
     def __len__(self) -> int:
         return len(self.manifest)
 
     def image(self, index: int) -> torch.Tensor:
+        if self.slots is not None:
+            return self.disk_cache.tensor(*self.slots[index])
         if self.cache is not None and index in self.cache:
             return self.cache[index].float()
         tensor = self.preprocess(read_image(self.manifest.frame["path"].iat[index], self.preprocess.size))
@@ -489,13 +408,26 @@ class XrayDataset(Dataset):
         return image.expand(3, -1, -1), self.targets[index]
 
 
+LABEL_PREFIX = "label:"  # write_manifest's columns of encoded targets: 1, 0, or empty for unknown
+
+
 def write_manifest(manifest: Manifest, out: str | Path) -> None:
-    """Save a manifest as our labels.csv format, paths relative to the CSV's folder where possible."""
+    """Save a manifest as our labels.csv format, paths relative to the CSV's folder where possible.
+    Besides the finding, one ``label:<class>`` column per class holds the encoded targets (1, 0, empty
+    where unknown), so a manifest read from any format reads back with the same targets."""
     from cxrlens.runs import atomic_write_text
 
     out = Path(out).resolve()
     frame = manifest.frame.drop(columns=["_row"], errors="ignore")
-    frame["path"] = [os.path.relpath(p, out.parent) for p in frame["path"]]
+    parts = [p.rpartition(os.sep) for p in frame["path"].tolist()]
+    folders = {p[0] for p in parts}  # relpath once per folder: a data set has few folders and many files
+    relative = {f: os.path.relpath(f or os.sep, out.parent) for f in folders}
+    frame["path"] = [p[2] if relative[p[0]] == "." else relative[p[0]] + os.sep + p[2] for p in parts]
     if "cls" not in frame:
         frame["cls"] = frame["finding"]
+    values = np.where(manifest.targets > 0.5, "1", "0").astype(object)
+    if manifest.known is not None:
+        values[~manifest.known] = ""
+    for i, name in enumerate(manifest.taxonomy.classes):
+        frame[LABEL_PREFIX + name] = values[:, i]
     atomic_write_text(out, frame.to_csv(index=False))

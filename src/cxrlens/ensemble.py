@@ -55,7 +55,8 @@ def ensemble_runs(
             raise CxrlensError(
                 f"{run.run_dir} predicts {run.taxonomy.classes}, not {classes}; ensemble runs of one taxonomy"
             )
-    manifest = load_manifest(data or runs[0].config.data or None, runs[0].taxonomy).split(split)
+    options = None if data else runs[0].config.read_options
+    manifest = load_manifest(data or runs[0].config.data or None, runs[0].taxonomy, options=options).split(split)
     leaks = list(dict.fromkeys(  # runs trained on the same data report the same leaks: once each
         leak for run in runs for leak in check_evaluation_data(run.config, manifest, allow_leaks, progress)))
     probs = np.stack([predict_manifest(run, manifest, progress=progress) for run in runs])
@@ -67,7 +68,7 @@ def ensemble_runs(
         scores, vote_threshold = combine(probs, vote, thresholds)
         title = f"{vote} vote of {len(runs)} models ({', '.join(r.config.model for r in runs)}) [{split or 'all'}]"
         results[vote] = write_evaluation(
-            Path(out) / vote, title, scores, manifest.targets, manifest.frame, classes, vote_threshold,
+            Path(out) / vote, title, scores, manifest.targets_or_nan(), manifest.frame, classes, vote_threshold,
             leaks_allowed=leaks,
         )
     return results

@@ -28,15 +28,16 @@ def _as_thresholds(threshold: float | Sequence[float], n: int) -> np.ndarray:
 
 
 def confusion_counts(probs: np.ndarray, targets: np.ndarray, threshold: float | Sequence[float]) -> np.ndarray:
-    """[classes, 4] counts of tp, fp, fn, tn."""
+    """[classes, 4] counts of tp, fp, fn, tn; a NaN target (an unknown label) counts nowhere."""
     predicted = probs > _as_thresholds(threshold, probs.shape[1])
     truth = targets > 0.5
+    negative = targets <= 0.5  # False for NaN
     return np.stack(
         [
             (predicted & truth).sum(0),
-            (predicted & ~truth).sum(0),
+            (predicted & negative).sum(0),
             (~predicted & truth).sum(0),
-            (~predicted & ~truth).sum(0),
+            (~predicted & negative).sum(0),
         ],
         axis=1,
     ).astype(np.int64)
@@ -80,15 +81,17 @@ def compute_metrics(
     class_names: Sequence[str],
     threshold: float | Sequence[float] = STUDY_THRESHOLD,
 ) -> dict:
-    """Per-class and averaged metrics for probabilities ``probs`` [n, classes] and 0/1 ``targets``."""
+    """Per-class and averaged metrics for probabilities ``probs`` [n, classes] and 0/1 ``targets``
+    (NaN where a label is unknown: that image is left out of that class's metrics)."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     counts = confusion_counts(probs, targets, threshold)
     tp, fp, fn, tn = counts.T
     per_class = {}
     for i, name in enumerate(class_names):
-        has_both = 0 < targets[:, i].sum() < len(targets)
+        known = ~np.isnan(targets[:, i])
+        has_both = 0 < targets[known, i].sum() < known.sum()
         auroc = (
-            float(binary_auroc(torch.from_numpy(probs[:, i]), torch.from_numpy(targets[:, i]).long()))
+            float(binary_auroc(torch.from_numpy(probs[known, i]), torch.from_numpy(targets[known, i]).long()))
             if has_both
             else float("nan")
         )
@@ -207,10 +210,12 @@ def plot_roc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str],
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.subplots()
     for i, name in enumerate(class_names):
-        if not 0 < targets[:, i].sum() < len(targets):
+        known = ~np.isnan(targets[:, i])
+        if not 0 < targets[known, i].sum() < known.sum():
             continue
-        fpr, tpr, _ = binary_roc(torch.from_numpy(probs[:, i]).float(), torch.from_numpy(targets[:, i]).long())
-        auc = float(binary_auroc(torch.from_numpy(probs[:, i]).float(), torch.from_numpy(targets[:, i]).long()))
+        p, t = torch.from_numpy(probs[known, i]).float(), torch.from_numpy(targets[known, i]).long()
+        fpr, tpr, _ = binary_roc(p, t)
+        auc = float(binary_auroc(p, t))
         ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUROC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set_xlabel("false positive rate")
@@ -249,7 +254,7 @@ def write_evaluation(
     atomic_write_text(out_dir / "metrics.md", text)
     predictions = frame[["path", "source"]].copy()
     for i, name in enumerate(class_names):
-        predictions[f"true:{name}"] = targets[:, i].astype(int)
+        predictions[f"true:{name}"] = pd.array(np.round(targets[:, i]), dtype="Int64")  # empty: unknown
         predictions[f"prob:{name}"] = np.round(probs[:, i], 5)
     atomic_write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
     plot_confusion(metrics, out_dir / "confusion.png", title)
@@ -293,15 +298,19 @@ def evaluate_run(
     out: str | Path | None = None,
     progress: bool = True,
     allow_leaks: bool = False,
+    options=None,
 ) -> dict:
-    """Evaluate a run's best model on a split of its own data or of another data set. Images the run was
-    trained on are refused unless ``allow_leaks`` (see ``cxrlens.audit.check_evaluation_data``)."""
+    """Evaluate a run's best model on a split of its own data or of another data set (``options``: how to
+    read that one, a :class:`cxrlens.datasets.ReadOptions`; its labels are read into the run's taxonomy,
+    so a model trained on one collection is validated on another). Images the run was trained on are
+    refused unless ``allow_leaks`` (see ``cxrlens.audit.check_evaluation_data``)."""
     from cxrlens.audit import check_evaluation_data
     from cxrlens.data import load_manifest
     from cxrlens.runs import load_run, make_output_folder
 
     run = load_run(run_dir)
-    manifest = load_manifest(data or run.config.data or None, run.taxonomy).split(split)
+    options = options if data else run.config.read_options
+    manifest = load_manifest(data or run.config.data or None, run.taxonomy, options=options).split(split)
     thresholds = resolve_threshold(threshold, run.thresholds, run.run_dir)
     leaks = check_evaluation_data(run.config, manifest, allow_leaks, progress)
     out_dir = Path(out) if out else run.run_dir / f"eval-{split or 'all'}"
@@ -312,7 +321,7 @@ def evaluate_run(
             out_dir,
             f"{run.config.model} on {manifest.origin.name} [{split or 'all'}]",
             probs,
-            manifest.targets,
+            manifest.targets_or_nan(),
             manifest.frame,
             run.taxonomy.classes,
             thresholds,

@@ -434,7 +434,7 @@ def build_report(
 
     # data
     try:
-        manifest = load_manifest(data or first.data or None, first.tax)
+        manifest = load_manifest(data or first.data or None, first.tax, options=None if data else first.read_options)
         sections.append(("data", "Data", _data_section(manifest)))
     except CxrlensError as exc:
         sections.append(("data", "Data", _missing(str(exc))))

@@ -45,6 +45,11 @@ class TrainConfig:
 
     model: str = "resnet18"
     data: str = ""  # data set folder or manifest; '' = the bundled data/cxr3
+    data_format: str = "auto"  # --format: the data set's layout (cxrlens.datasets.FORMATS); auto = detected
+    views: str = "frontal"  # frontal, lateral, all, or view codes (PA,AP)
+    uncertain: Literal["ignore", "zeros", "ones"] = "ignore"  # CheXpert / MIMIC -1.0 labels
+    raters: Literal["majority", "any"] = "majority"  # VinDr-CXR's radiologists
+    cache: str | None = None  # folder of the preprocessed image cache (cxrlens.datasets.cache); None = none
     out: str = "runs/resnet18"
     taxonomy: str = "cxr3"
     epochs: Positive = 20
@@ -74,6 +79,13 @@ class TrainConfig:
     @property
     def tax(self) -> Taxonomy:
         return get_taxonomy(self.taxonomy)
+
+    @property
+    def read_options(self):
+        """How the run's data set is read (format, views, uncertainty and rater policies)."""
+        from cxrlens.datasets import ReadOptions
+
+        return ReadOptions(self.data_format, self.views, self.uncertain, self.raters)
 
     def save(self, run_dir: str | Path) -> None:
         atomic_write_text(Path(run_dir) / "config.json", json.dumps(asdict(self), indent=2))

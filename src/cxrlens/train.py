@@ -78,6 +78,17 @@ class XrayAugment:
         return ((image - image.mean()) * contrast + image.mean()).clamp(0, 1)
 
 
+def known_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits, the mean over the known targets: NaN marks an unknown label (CheXpert's uncertain
+    ones under ``--uncertain ignore``, U-Ignore), left out of the loss. Without NaN: the plain mean."""
+    known = ~torch.isnan(targets)
+    if bool(known.all()):
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    weight = known.to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0.0), weight=weight, reduction="sum")
+    return loss / weight.sum().clamp(min=1)
+
+
 class Classifier(L.LightningModule):
     """A registry model trained with BCE-with-logits (+0.4 x aux loss for InceptionV3) and Adam."""
 
@@ -94,9 +105,9 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, targets = batch
         logits, aux = forward_with_aux(self.model, images)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+        loss = known_bce(logits.float(), targets)
         if aux is not None:
-            loss = loss + AUX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(aux.float(), targets)
+            loss = loss + AUX_LOSS_WEIGHT * known_bce(aux.float(), targets)
         self.log(
             "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True
         )
@@ -105,7 +116,7 @@ class Classifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         images, targets = batch
         logits = self.model(images).float()
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        loss = known_bce(logits, targets)
         self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True)
         self._val_outputs.append((torch.sigmoid(logits).detach().cpu(), targets.cpu()))
 
@@ -348,8 +359,22 @@ def settle_run_folder(run_dir: Path, checkpoint: dict) -> None:
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def make_loaders(config: TrainConfig, manifest: Manifest | None = None) -> tuple[DataLoader, DataLoader]:
-    manifest = manifest if manifest is not None else load_manifest(config.data or None, config.tax)
+def image_cache(config: TrainConfig, manifests: list[Manifest], progress: bool = True):
+    """The preprocessed image cache of ``--cache`` (None without), built for the images of ``manifests``."""
+    if not config.cache:
+        return None
+    from cxrlens.data import Preprocess
+    from cxrlens.datasets.cache import ImageCache
+
+    cache = ImageCache(config.cache, Preprocess(config.image_size))
+    cache.build([p for m in manifests for p in m.frame["path"]], progress=progress)
+    return cache
+
+
+def make_loaders(config: TrainConfig, manifest: Manifest | None = None,
+                 progress: bool = True) -> tuple[DataLoader, DataLoader]:
+    if manifest is None:
+        manifest = load_manifest(config.data or None, config.tax, options=config.read_options)
     if not manifest.has_split:
         raise CxrlensError(
             f"{manifest.origin}: no 'split' column; add one or make one with `cxrlens split` (by patient)"
@@ -357,8 +382,9 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None) -> tuple
     train_set = manifest.split(config.train_split).head(config.max_images, config.seed)
     val_set = manifest.split(config.val_split)
     augment = XrayAugment() if config.augment else None
+    cache = image_cache(config, [train_set, val_set], progress)
     train = DataLoader(
-        TrainingImages(XrayDataset(train_set, config.image_size), augment, config.seed),
+        TrainingImages(XrayDataset(train_set, config.image_size, disk_cache=cache), augment, config.seed),
         batch_size=config.batch_size,
         sampler=EpochOrder(len(train_set), config.seed),
         num_workers=config.num_workers,
@@ -366,7 +392,8 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None) -> tuple
         persistent_workers=config.num_workers > 0,
     )
     val = DataLoader(
-        XrayDataset(val_set, config.image_size), batch_size=max(16, config.batch_size), num_workers=config.num_workers
+        XrayDataset(val_set, config.image_size, disk_cache=cache), batch_size=max(16, config.batch_size),
+        num_workers=config.num_workers,
     )
     return train, val
 
@@ -377,7 +404,11 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
     ``allow_leaks``). What was skipped or let through is recorded in ``config``."""
     from cxrlens.audit import audit_manifest
 
-    manifest = load_manifest(config.data or None, config.tax, missing="skip" if config.skip_missing else "error")
+    manifest = load_manifest(config.data or None, config.tax, missing="skip" if config.skip_missing else "error",
+                             options=config.read_options)
+    if progress:
+        for note in manifest.notes():
+            print(f"note: {note}", file=sys.stderr)
     if not manifest.has_split:
         raise CxrlensError(
             f"{manifest.origin}: no 'split' column; add one or make one with `cxrlens split` (by patient)"
@@ -488,7 +519,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     manifest = prepare_data(config, progress)
     if checkpoint is not None:
         _check_resumable(config, run_dir, checkpoint)
-    train_loader, val_loader = make_loaders(config, manifest)
+    train_loader, val_loader = make_loaders(config, manifest, progress)
     module = Classifier(config, steps_per_epoch=len(train_loader) // max(1, config.devices))
     created = make_output_folder(run_dir)
     try:

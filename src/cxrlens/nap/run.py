@@ -159,5 +159,7 @@ def run_nap_job(job: NapJob) -> dict | None:
         raise CxrlensError("give at least one run folder (--run RUN_DIR)")
     for run in runs:
         run.model.to(distributed.device())
-    manifest = load_manifest(job.data or runs[0].config.data or None, runs[0].taxonomy).split(job.split)
+    options = None if job.data else runs[0].config.read_options  # the run's own data, read as trained on
+    manifest = load_manifest(job.data or runs[0].config.data or None, runs[0].taxonomy, options=options).split(
+        job.split)
     return run_nap(runs, manifest, job.out, job.config)

@@ -179,7 +179,8 @@ def _derive(masks: dict[str, torch.Tensor], present: dict[str, torch.Tensor], re
     """Add the derived masks (see the module docstring), present wherever ``lungs`` is."""
     body = masks["lungs"] | masks["heart"] if "heart" in masks else masks["lungs"]
     body = dilate(body, margin_px) & region
-    masks["outside_body"] = ~body
+    # rows without lungs (box masks: cxrlens.datasets.box_mask_set): thorax unknown, outside_body empty (NaN)
+    masks["outside_body"] = ~body & present["lungs"][:, None, None]
     masks["image_region"] = region
     masks["padding"] = ~region
     for name in DERIVED_MASKS:

@@ -112,8 +112,9 @@ def _shortcut_data(run: LoadedRun, config: ScoreConfig, device: torch.device) ->
     from cxrlens.data import XrayDataset, load_manifest
     from cxrlens.evaluate import STUDY_THRESHOLD
 
-    source = (run.config.data or None) if config.data is None else config.data
-    manifest = load_manifest(source, run.taxonomy)
+    own = config.data is None  # the run's own data set, read the way it was trained on
+    source = (run.config.data or None) if own else config.data
+    manifest = load_manifest(source, run.taxonomy, options=run.config.read_options if own else None)
     if config.split is not None and manifest.has_split:
         manifest = manifest.split(config.split)
     manifest = manifest.head(config.probe_images, config.seed)
