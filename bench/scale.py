@@ -34,7 +34,7 @@ from _machine import cpu_name
 from cxrlens import distributed
 from cxrlens.data import load_image_tensor
 from cxrlens.explain.config import ExplainConfig
-from cxrlens.explain_cli import explain_runs
+from cxrlens.explain.job import explain_runs
 from cxrlens.models import create_model
 from cxrlens.nap import NapConfig, NapJob, run_nap_job
 from cxrlens.runs import TrainConfig, save_model_weights

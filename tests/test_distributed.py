@@ -22,8 +22,8 @@ from scale_helpers import cxr3_labels, lungmask_labels, one_thread, store_arrays
 
 from cxrlens.distributed import Launch, launch
 from cxrlens.explain.config import ExplainConfig
+from cxrlens.explain.job import explain_runs
 from cxrlens.explain.store import MapStore
-from cxrlens.explain_cli import explain_runs
 from cxrlens.nap import NapConfig, NapJob, run_nap_job
 from cxrlens.score import ScoreConfig, run_scorecard
 

@@ -24,8 +24,8 @@ from cxrlens.data import load_image_tensor
 from cxrlens.errors import CxrlensError
 from cxrlens.explain import explain_images
 from cxrlens.explain.config import ExplainConfig, ExplainSettings
+from cxrlens.explain.job import explain_runs
 from cxrlens.explain.store import MapStore
-from cxrlens.explain_cli import explain_runs
 from cxrlens.runs import load_run
 
 

@@ -291,8 +291,8 @@ def explain(
     classes; or, with --store / --metrics-only, a whole data set on one or more processes."""
     from cxrlens.distributed import launch
     from cxrlens.explain.config import ExplainConfig, ExplainSettings, parse_methods
+    from cxrlens.explain.job import explain_runs
     from cxrlens.explain.report import explain_failures
-    from cxrlens.explain_cli import explain_runs
 
     config = ExplainConfig(
         runs=run, out=out, images=image or [], data=data, split=None if split == "all" else split,

@@ -103,7 +103,7 @@ def explain_examples(run_dirs: list[Path], out: Path, image_size: int) -> None:
     from cxrlens.data import DEFAULT_DATA
     from cxrlens.explain import METHODS
     from cxrlens.explain.config import ExplainConfig
-    from cxrlens.explain_cli import explain_runs
+    from cxrlens.explain.job import explain_runs
 
     print("\n== explanations of one test image per class", flush=True)
     labels = pd.read_csv(DEFAULT_DATA / "labels.csv")

@@ -7,9 +7,11 @@
   returning an :class:`Attribution` (maps [B, T, H, W], convergence deltas, metadata).
 * :mod:`~cxrlens.explain.figures` — overlays and grid figures.
 * :mod:`~cxrlens.explain.report` — ``explain_images(...)`` writes maps, overlays, a grid figure
-  and a JSON summary for a set of models and images (what the CLI calls).
+  and a JSON summary for a set of models and images.
 * :mod:`~cxrlens.explain.config` — ``ExplainConfig`` (one explain job, saved as config.json) and
   ``ExplainSettings`` (how maps are computed and drawn).
+* :mod:`~cxrlens.explain.job` — ``explain_runs(ExplainConfig)``: run folders and image files or a
+  data split in, ``explain_images`` (or ``explain_dataset``) per input size (what the CLI calls).
 * :mod:`~cxrlens.explain.dataset` — ``explain_dataset``: a whole data set in fixed chunks, shared
   between processes, resumable; :mod:`~cxrlens.explain.store` — the float16 map store it writes
   (``MapStore`` reads it back).

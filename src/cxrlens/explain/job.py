@@ -1,4 +1,4 @@
-"""Glue for ``cxrlens explain``: gather images from files, folders or a manifest split, load runs,
+"""An explain job: gather images from files, folders or a manifest split, load runs,
 choose targets, and call ``cxrlens.explain.explain_images`` once per input size, as an
 :class:`~cxrlens.explain.config.ExplainConfig` says."""
 
