@@ -183,3 +183,32 @@ def test_bad_launch_options_get_one_line(jobs, tmp_path, monkeypatch, capsys, op
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: ") and message in err
     assert not (tmp_path / "n").exists()
+
+
+class _FailsInOtherProcesses:
+    """An argument that unpickles in this process but raises in a started one (as an import error would)."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.parent = os.getpid()
+
+    def __reduce__(self):  # noqa: ANN204
+        return (_rebuild, (self.parent,))
+
+
+def _rebuild(parent: int) -> _FailsInOtherProcesses:
+    import os
+
+    if os.getpid() != parent:
+        raise ImportError("this argument cannot be rebuilt in another process")
+    return _FailsInOtherProcesses()
+
+
+def test_a_process_that_dies_before_starting_fails_the_job_instead_of_hanging():
+    """Rank 0 used to wait in the group's rendezvous for the 12-hour timeout when a started process died
+    before joining it."""
+    from cxrlens.errors import CxrlensError
+
+    with pytest.raises(CxrlensError, match="process 1 stopped before it started"):
+        launch(len, [_FailsInOtherProcesses()], launch=Launch(devices=2, accelerator="cpu"))

@@ -199,11 +199,29 @@ def _process_group(backend: str, rank_: int, world: int, local_rank: int, init_m
         _local_rank = 0
 
 
+def _wait_until_started(children: list, started: Any) -> None:
+    """Wait until every started process has reached ``_child``. One that dies before (an import or an
+    argument that fails in the new process) would otherwise leave this one waiting in the group's
+    rendezvous for the whole timeout."""
+    import time
+
+    ready: set[int] = set()
+    while len(ready) < len(children):
+        while not started.empty():
+            ready.add(started.get())
+        for local, child in enumerate(children, start=1):
+            if local not in ready and child.exitcode is not None:
+                raise CxrlensError(f"process {local} stopped before it started (exit status {child.exitcode}); "
+                                   "see its message above")
+        time.sleep(0.02)
+
+
 def _child(local_rank: int, node_rank: int, launch: Launch, backend: str, init_method: str, errors: Any,
-           call: tuple[Callable, tuple, dict]) -> None:
+           started: Any, call: tuple[Callable, tuple, dict]) -> None:
     """Body of a started process: join the group, run ``fn(*args, **kwargs)``, report a user error to rank 0."""
     import torch
 
+    started.put(local_rank)  # it got this far: imports and arguments are fine
     fn, args, kwargs = call
     if launch.threads:
         torch.set_num_threads(launch.threads)
@@ -287,14 +305,16 @@ def _run_spawned(fn: Callable, args: tuple, kwargs: dict, launch: Launch, backen
     host, port, node_rank = _address(launch)
     init_method = f"tcp://{host}:{port}"
     context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
+    errors, started = context.SimpleQueue(), context.SimpleQueue()
     call = (fn, args, kwargs)
-    children = [context.Process(target=_child, args=(local, node_rank, launch, backend, init_method, errors, call))
+    children = [context.Process(target=_child,
+                                args=(local, node_rank, launch, backend, init_method, errors, started, call))
                 for local in range(1, launch.devices)]
     for child in children:
         child.start()
     result, failure, finished = None, None, False
     try:
+        _wait_until_started(children, started)
         with _process_group(backend, node_rank * launch.devices, launch.world_size, 0, init_method):
             result = fn(*args, **kwargs)
         finished = True
