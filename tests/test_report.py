@@ -41,6 +41,9 @@ def study(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("report")
     runs = [make_run(root / "resnet18-a", 1), make_run(root / "resnet18-b", 2)]
+    config = json.loads((runs[1] / "config.json").read_text())  # as --allow-leaks records what it let through
+    config.update(allow_leaks=True, leaks=["rows 2 (train), 9 (test): one patient in two splits"])
+    (runs[1] / "config.json").write_text(json.dumps(config))
     test = load_manifest(CXR3).split("test")
     classes = list(test.taxonomy.classes)
     rng = np.random.default_rng(0)
@@ -132,6 +135,11 @@ def test_report_tables_hold_the_numbers(report, study):
     assert "shortcut risk high" in text and "0.630" in text  # verdict and scorecard cell
     assert "Fleiss&#x27; kappa" in text or "Fleiss' kappa" in text
     assert "12" in re.search(r'id="nap-dead".*?</table>', text, re.S).group(0)
+    audit = re.search(r'id="data-audit".*?</table>', text, re.S).group(0)
+    assert "<td>leaks between splits</td><td>0</td>" in audit  # the vendored split is clean
+    allowed = re.search(r'id="run-leaks".*?</table>', text, re.S).group(0)
+    assert "<td>resnet18-b</td><td>1</td>" in allowed and "one patient in two splits" in allowed
+    assert "resnet18-a" not in allowed
 
 
 def test_report_says_which_command_makes_missing_outputs(tmp_path):

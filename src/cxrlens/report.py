@@ -193,6 +193,28 @@ def _data_section(manifest: Any) -> str:
             f'<div class="side">{by_class}{by_source}</div>')
 
 
+def _audit_section(manifest: Any, configs: dict[str, TrainConfig]) -> str:
+    """What `cxrlens check-data` finds in the data (leaks, conflicting labels, duplicates, near-duplicates)
+    and what each run let through with --allow-leaks or left out with --skip-missing."""
+    from cxrlens.audit import audit_manifest
+
+    audit = audit_manifest(manifest, progress=False)
+    findings = [("leaks between splits", audit.leaks), ("images with conflicting labels", audit.conflicts),
+                ("duplicate images", audit.duplicates), ("near-duplicate pairs", audit.near_duplicates),
+                ("unreadable files", audit.unreadable)]
+    rows = [[what, len(found), "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")] for what, found in findings]
+    table = _table(["finding", "count", "first rows"], rows, table_id="data-audit",
+                   caption="The data audit (`cxrlens check-data`): leaks and conflicts are refused by train and "
+                           "evaluate unless --allow-leaks; near-duplicates (difference hash) are only reported.")
+    allowed = [[name, len(c.leaks), "; ".join(c.leaks[:3]), len(c.skipped)] for name, c in configs.items()
+               if c.leaks or c.skipped]
+    if allowed:
+        table += _table(["run", "leaks allowed", "first of them", "rows skipped"], allowed, table_id="run-leaks",
+                        caption="Runs trained with --allow-leaks or --skip-missing (from their config.json): "
+                                "their numbers may be inflated by these images.")
+    return table
+
+
 def _curves_figure(histories: dict[str, pd.DataFrame]) -> bytes:
     from matplotlib.figure import Figure
 
@@ -435,7 +457,8 @@ def build_report(
     # data
     try:
         manifest = load_manifest(data or first.data or None, first.tax, options=None if data else first.read_options)
-        sections.append(("data", "Data", _data_section(manifest)))
+        sections.append(("data", "Data", _data_section(manifest)
+                         + _audit_section(manifest, dict(zip(names, configs.values(), strict=True)))))
     except CxrlensError as exc:
         sections.append(("data", "Data", _missing(str(exc))))
 
