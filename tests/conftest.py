@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +89,59 @@ def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, restored afterwards: runs compared bit for bit (with a subprocess started with
+    OMP_NUM_THREADS=1, or between launched processes) must use the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def dicom_bytes(pixels: np.ndarray, rows: int | None = None, cols: int | None = None,
+                photometric: str = "MONOCHROME2", bits_stored: int | None = None, **tags: Any) -> bytes:
+    """An uncompressed DICOM of ``pixels`` as the collections ship them (uint8 in 8 bits, else 16),
+    optionally lying about its size; other tags (RescaleSlope, ViewPosition, ...) as keywords."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = rows or pixels.shape[0], cols or pixels.shape[1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsAllocated, ds.BitsStored = bits, bits_stored or bits
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header declares width x height (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)

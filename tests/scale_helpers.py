@@ -7,13 +7,12 @@ whose ResNet18 has BatchNorm set as after training (``cxrlens.testing.trained_li
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from conftest import CXR3, LUNGMASKS
+from conftest import CXR3, LUNGMASKS, one_thread  # noqa: F401  (re-exported for the scale tests)
 
 SIZE = 64  # px: every stage at its smallest realistic size
 
@@ -55,16 +54,6 @@ def trained_like_run(folder: Path, labels: Path, seed: int = 0) -> Path:
     return folder
 
 
-@contextmanager
-def one_thread():
-    """Torch on one thread (as every started process), restored afterwards: results compared bit for bit
-    must come from the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def store_arrays(folder: Path) -> dict[str, np.ndarray]:

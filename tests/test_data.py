@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CXR3
+from conftest import CXR3, dicom_bytes
 from PIL import Image
 
 from cxrlens.data import (
@@ -100,24 +100,8 @@ def test_readers_png_jpeg_8_and_16_bit_rgba(tmp_path):
 
 
 def _write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_bytes(pixels.astype(np.uint16), photometric=photometric, RescaleSlope=slope,
+                                 RescaleIntercept=intercept))
 
 
 def test_dicom_monochrome1_inverted_and_rescaled(tmp_path):

@@ -8,16 +8,14 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CXR3, ROOT, make_run
+from conftest import CXR3, ROOT, dicom_bytes, make_run, run_cli
 from PIL import Image
 
-from cxrlens.cli import main
 from cxrlens.data import Preprocess, XrayDataset, load_manifest, read_image, write_manifest
 from cxrlens.datasets import FORMATS, ReadOptions, box_mask_set
 from cxrlens.datasets.build import DataError
@@ -50,26 +48,8 @@ def xray(i: int, cls: str | None = None, split: str | None = None) -> Path:
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> None:
     """A DICOM file as the collections ship them (8-bit pixels stored in 8 bits, 16-bit in 16)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    bits = 8 if pixels.dtype == np.uint8 else 16
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit, ds.PixelRepresentation = bits - 1, 0
-    ds.ViewPosition = "PA"
-    ds.PixelData = pixels.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_bytes(pixels, photometric=photometric, ViewPosition="PA"))
 
 
 def rows_of(csv: Path, names: set[str]) -> str:
@@ -78,15 +58,6 @@ def rows_of(csv: Path, names: set[str]) -> str:
     return "\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[0] in names]) + "\n"
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cxrlens", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def error_lines(err: str) -> list[str]:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import XRAY, assert_one_error_line, make_run, run_cli
+from conftest import XRAY, assert_one_error_line, dicom_bytes, make_run, png_with_size, run_cli
 from PIL import Image
-from serve_helpers import dicom_bytes, png_with_size
 
 from cxrlens.data import MAX_PIXELS, Preprocess, load_image_tensor, read_image
 from cxrlens.evaluate import compute_metrics, detail_markdown, markdown_table, write_evaluation

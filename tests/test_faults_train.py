@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import CXR3, assert_one_error_line, run_cli
+from conftest import CXR3, assert_one_error_line, one_thread, run_cli
 from safetensors.torch import load_file
 
 import cxrlens
@@ -30,16 +29,6 @@ STEPS_PER_EPOCH = 6  # 48 training images, batch 8
 TINY = ["--epochs", "2", "--image-size", "64", "--accelerator", "cpu"]
 
 
-@contextmanager
-def one_thread():
-    """Train in this process with the kernels of a subprocess started with OMP_NUM_THREADS=1: the same
-    arithmetic in the same order, so weights agree bit for bit with the killed subprocess's."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 
