@@ -91,3 +91,12 @@ def test_pickled_code_is_refused(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(CxrlensError, match="unknown model 'vgg16'; choose one of: resnet18, resnet34"):
         create_model("vgg16", 3)
+
+
+def test_a_taken_model_name_is_refused_and_the_registry_is_unchanged():
+    from cxrlens.models import MODELS, register_model
+
+    before = MODELS["resnet18"]
+    with pytest.raises(CxrlensError, match="a model 'resnet18' is already registered; pick another name"):
+        register_model("resnet18", gradcam_layer="stem", nap_layers=("stem",))(lambda num_classes: torch.nn.Identity())
+    assert MODELS["resnet18"] is before

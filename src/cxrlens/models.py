@@ -18,6 +18,7 @@ from timm.models.inception_v3 import InceptionAux
 from torch import nn
 
 from cxrlens.errors import CxrlensError
+from cxrlens.registry import Registry
 
 AUX_LOSS_WEIGHT = 0.4  # the study's (and torchvision's) weight of InceptionV3's auxiliary loss
 
@@ -70,7 +71,7 @@ class ModelSpec:
     aux_head: str | None = None  # submodule of an auxiliary classifier, trained with AUX_LOSS_WEIGHT
 
 
-MODELS: dict[str, ModelSpec] = {}
+MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(
@@ -89,12 +90,9 @@ def register_model(
     A model with an ``aux_head`` must also offer timm's InceptionV3 split ``forward_preaux``,
     ``forward_postaux`` and ``forward_head`` so the training step can run the head.
     """
-    if name in MODELS:
-        raise CxrlensError(f"model '{name}' is already registered; pick another name")
-
     def decorator(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        MODELS[name] = ModelSpec(name, build, gradcam_layer, tuple(nap_layers), min_size, input_size, demo_epochs,
-                                 aux_head)
+        MODELS.add(name, ModelSpec(name, build, gradcam_layer, tuple(nap_layers), min_size, input_size, demo_epochs,
+                                   aux_head))
         return build
 
     return decorator
@@ -168,9 +166,7 @@ def model_names() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise CxrlensError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
-    return MODELS[name]
+    return MODELS.lookup(name)
 
 
 def make_explanation_safe(model: nn.Module) -> nn.Module:

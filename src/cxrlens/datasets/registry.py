@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxrlens.errors import CxrlensError
+from cxrlens.registry import Registry
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")  # CheXpert's U-Ignore, U-Zeros, U-Ones (Irvin et al. 2019)
 RATER_POLICIES = ("majority", "any")  # VinDr-CXR: several radiologists per image
@@ -102,7 +103,7 @@ class DataFormat:
 
 
 #: name -> format; detection tries them by priority, then registration order
-FORMATS: dict[str, DataFormat] = {}
+FORMATS: Registry[DataFormat] = Registry("data format", "choose auto or one of")
 
 
 def register_format(name: str, *, detect: Callable[[Path], bool], looks_for: str, priority: int = 50,
@@ -111,10 +112,8 @@ def register_format(name: str, *, detect: Callable[[Path], bool], looks_for: str
     says whether a file or folder looks like it (cheap: file names and a CSV header at most)."""
 
     def decorate(read: Reader) -> Reader:
-        if name in FORMATS and not replace:
-            raise CxrlensError(f"a data format '{name}' is already registered; pass replace=True")
         description = (read.__doc__ or "").strip().split("\n")[0]
-        FORMATS[name] = DataFormat(name, read, detect, looks_for, description, priority)
+        FORMATS.add(name, DataFormat(name, read, detect, looks_for, description, priority), replace)
         return read
 
     return decorate
@@ -125,9 +124,7 @@ def format_names() -> list[str]:
 
 
 def get_format(name: str) -> DataFormat:
-    if name not in FORMATS:
-        raise CxrlensError(f"unknown data format '{name}'; choose auto or one of: {', '.join(FORMATS)}")
-    return FORMATS[name]
+    return FORMATS.lookup(name)
 
 
 def detect_format(source: Path) -> DataFormat:

@@ -43,6 +43,7 @@ from scipy import stats
 from torch import nn
 
 from cxrlens.errors import CxrlensError
+from cxrlens.registry import Registry
 from cxrlens.score.masks import dilate
 
 if TYPE_CHECKING:
@@ -522,7 +523,7 @@ class ScorecardMetric:
 
 
 #: name -> metric, in the order of the scorecard's columns
-SCORECARD_METRICS: dict[str, ScorecardMetric] = {}
+SCORECARD_METRICS: Registry[ScorecardMetric] = Registry("scorecard metric", "choose from")
 
 
 def register_metric(name: str, *, higher_is_better: bool, needs_model: bool, map_sign: str,
@@ -534,19 +535,16 @@ def register_metric(name: str, *, higher_is_better: bool, needs_model: bool, map
         raise CxrlensError(f"map_sign must be one of {', '.join(MAP_SIGNS)}, not {map_sign!r}")
 
     def decorate(fn: Callable[[MetricInputs], torch.Tensor | np.ndarray]) -> Callable:
-        if name in SCORECARD_METRICS and not replace:
-            raise CxrlensError(f"a scorecard metric '{name}' is already registered; pass replace=True")
         description = (fn.__doc__ or "").strip().split("\n")[0]
-        SCORECARD_METRICS[name] = ScorecardMetric(name, fn, higher_is_better, needs_model, map_sign, description)
+        SCORECARD_METRICS.add(name, ScorecardMetric(name, fn, higher_is_better, needs_model, map_sign, description),
+                              replace)
         return fn
 
     return decorate
 
 
 def get_metric(name: str) -> ScorecardMetric:
-    if name not in SCORECARD_METRICS:
-        raise CxrlensError(f"unknown scorecard metric '{name}'; choose from: {', '.join(SCORECARD_METRICS)}")
-    return SCORECARD_METRICS[name]
+    return SCORECARD_METRICS.lookup(name)
 
 
 @register_metric("lung_focus", higher_is_better=True, needs_model=False, map_sign="positive")
