@@ -1,0 +1,165 @@
+"""Planted shortcuts: artifacts, planted data sets (exact counts), and the shortcut test end to end."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CXR3, LUNGMASKS, XRAY
+from PIL import Image
+
+from cxrlens.data import Preprocess, load_manifest, read_image
+from cxrlens.errors import CxrlensError
+from cxrlens.shortcuts import (
+    ARTIFACTS,
+    ArtifactConfig,
+    PlantConfig,
+    image_seed,
+    plant,
+    plant_dataset,
+    plant_mask_set,
+    planted_count,
+)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A real 60-image slice of cxr3 (every split and class), as our labels.csv format."""
+    labels = pd.read_csv(CXR3 / "labels.csv", dtype=str, keep_default_na=False)
+    sizes = {"train": 12, "val": 5, "test": 3}
+    parts = [rows.head(sizes[split]) for (split, _), rows in labels.groupby(["split", "cls"])]
+    frame = pd.concat(parts)
+    frame["path"] = [str(CXR3 / p) for p in frame["path"]]
+    folder = tmp_path_factory.mktemp("small")
+    frame.to_csv(folder / "labels.csv", index=False)
+    return folder / "labels.csv"
+
+
+@pytest.mark.parametrize("kind", ARTIFACTS)
+def test_artifact_is_deterministic_and_changes_only_its_mask(kind):
+    pixels = read_image(XRAY)
+    config = ArtifactConfig(kind=kind)
+    first, again, other = plant(pixels, config, 7), plant(pixels, config, 7), plant(pixels, config, 8)
+    assert np.array_equal(first.image, again.image) and np.array_equal(first.mask, again.mask)
+    assert first.mask.shape == first.image.shape and 0 < first.mask.mean() < 0.5
+    top, bottom, left, right = first.pad
+    inner = first.image[top : first.image.shape[0] - bottom, left : first.image.shape[1] - right]
+    inner_mask = first.mask[top : first.mask.shape[0] - bottom, left : first.mask.shape[1] - right]
+    assert inner.shape == pixels.shape
+    changed = inner != pixels
+    assert changed.any() or kind == "padding"
+    assert not (changed & ~inner_mask).any()  # nothing outside the artifact's mask moves
+    if kind == "padding":
+        assert first.pad == (26, 26, 0, 0)  # 0.1 x 257 rows, rounded, on top and bottom
+        assert (first.image[first.mask] == pixels.min()).all()
+        # preprocessing turns the bars into zeros, like its own padding
+        tensor = Preprocess(64)(first.image)[0]
+        assert (tensor[:4] == 0).all() and (tensor[-4:] == 0).all()
+    else:
+        assert not np.array_equal(first.mask, other.mask)  # another seed, another place
+
+
+def test_marker_letters_are_bright_and_inside_the_band():
+    pixels = read_image(XRAY)
+    planted = plant(pixels, ArtifactConfig(kind="marker", size=0.06, band="bottom", text="L"), 3)
+    rows = np.nonzero(planted.mask.any(1))[0]
+    assert rows.min() > 0.7 * pixels.shape[0]  # band "bottom": centre in the lowest 15 %
+    high = np.percentile(pixels, 99.5)
+    letters = planted.image != pixels
+    assert letters.sum() > 10 and np.allclose(planted.image[letters], high)  # contrast 1 = the bright clip level
+
+
+def test_bad_artifacts_are_clear_errors():
+    with pytest.raises(CxrlensError, match="unknown artifact 'sticker'; choose one of: marker, patch"):
+        ArtifactConfig(kind="sticker").validate()
+    with pytest.raises(CxrlensError, match="artifact size 1.5 is not in \\(0, 1\\].*larger than the image"):
+        ArtifactConfig(kind="patch", size=1.5).validate()
+    with pytest.raises(CxrlensError, match="marker 'PORTABLE' at size 0.2 is .* larger than the image"):
+        ArtifactConfig(kind="marker", size=0.2).validate()
+    with pytest.raises(CxrlensError, match="unknown band 'middle' for a patch"):
+        ArtifactConfig(kind="patch", band="middle").validate()
+    with pytest.raises(CxrlensError, match="rate 1.5 is outside \\[0, 1\\]"):
+        PlantConfig(out="x", rate=1.5).validate()
+    with pytest.raises(CxrlensError, match="unknown class 'Cardiomegaly'"):
+        PlantConfig(out="x", cls="Cardiomegaly").validate()
+
+
+def test_planted_count_rounds_half_up():
+    assert [planted_count(5, r) for r in (0, 0.1, 0.5, 1)] == [0, 1, 3, 5]
+    assert planted_count(53, 0.5) == 27 and planted_count(0, 0.5) == 0
+
+
+def test_planted_dataset_has_exact_counts_and_unchanged_splits(small_data, tmp_path):
+    out = tmp_path / "planted"
+    config = PlantConfig(out=str(out), data=str(small_data), cls="COVID-19", artifact=ArtifactConfig("patch"),
+                         rate=0.5, other_rate=0.25, seed=3)
+    result = plant_dataset(config)
+    source = load_manifest(small_data)
+    planted = load_manifest(out / "labels.csv")
+    assert np.array_equal(planted.targets, source.targets)
+    for column in ("patient_group", "split", "source"):
+        assert planted.frame[column].tolist() == source.frame[column].tolist()
+    covid = source.targets[:, 0] > 0.5
+    flags = planted.frame["artifact"].astype(int).to_numpy()
+    for split, n_class, n_other in (("train", 12, 24), ("val", 5, 10)):
+        in_split = (source.frame["split"] == split).to_numpy()
+        assert flags[in_split & covid].sum() == planted_count(n_class, 0.5)
+        assert flags[in_split & ~covid].sum() == planted_count(n_other, 0.25)
+        assert result.counts[split] == {"class": n_class, "class_planted": planted_count(n_class, 0.5),
+                                        "other": n_other, "other_planted": planted_count(n_other, 0.25)}
+    test = (source.frame["split"] == "test").to_numpy()
+    assert flags[test].sum() == 0
+    unchanged = flags == 0
+    assert planted.frame["path"][unchanged].tolist() == source.frame["path"][unchanged].tolist()
+    # a planted file is exactly the artifact on the original (8-bit PNG of the rounded values), and so is its mask
+    row = planted.frame[flags == 1].iloc[0]
+    original = (out / row["original_path"]).resolve()
+    expected = plant(read_image(original), config.artifact, image_seed(3, os.path.relpath(original, small_data.parent)))
+    assert np.array_equal(read_image(row["path"]), np.rint(expected.image))
+    with Image.open(out / row["artifact_mask"]) as img:
+        assert np.array_equal(np.asarray(img) > 0, expected.mask)
+    versions = {v: load_manifest(result.test_set(v)) for v in ("clean", "aligned", "swapped")}
+    for version, manifest in versions.items():
+        assert len(manifest) == test.sum() and set(manifest.frame["split"]) == {"test"}
+        carries = manifest.frame["artifact"].astype(int).to_numpy() == 1
+        expected = {"clean": np.zeros_like(carries), "aligned": manifest.targets[:, 0] > 0.5,
+                    "swapped": manifest.targets[:, 0] < 0.5}[version]
+        assert np.array_equal(carries, expected), version
+    assert plant_dataset(config).counts == result.counts  # same settings: reused, not rewritten
+
+
+def test_bad_plantings_write_nothing(small_data, tmp_path):
+    out = tmp_path / "planted"
+    normals = pd.read_csv(small_data)
+    normals = normals[normals["cls"] == "normal"]
+    normals.to_csv(tmp_path / "normals.csv", index=False)
+    with pytest.raises(CxrlensError, match="no image has class 'COVID-19'; the data has Normal"):
+        plant_dataset(PlantConfig(out=str(out), data=str(tmp_path / "normals.csv")))
+    with pytest.raises(CxrlensError, match="other rate -0.1 is outside"):
+        plant_dataset(PlantConfig(out=str(out), data=str(small_data), other_rate=-0.1))
+    assert not out.exists() and not list(tmp_path.glob(".planted*"))
+
+
+def test_planted_mask_set_carries_masks_through_padding(tmp_path):
+    from cxrlens.score.masks import dilate, empty_border, load_mask_set
+
+    csv = plant_mask_set(LUNGMASKS, tmp_path / "masks", "COVID-19", ArtifactConfig("padding", size=0.15), seed=1)
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    original = pd.read_csv(LUNGMASKS / "masks.csv", dtype=str, keep_default_na=False)
+    covid = original["finding"].str.contains("COVID")
+    assert (frame["artifact"] != "").tolist() == covid.tolist()
+    head = frame.head(6)
+    head.to_csv(tmp_path / "masks" / "head.csv", index=False)
+    masks = load_mask_set(tmp_path / "masks" / "head.csv", 64)  # sizes agree, or this raises
+    assert "artifact" in masks.masks
+    border = empty_border(masks.images)
+    for i in range(len(head)):
+        bars = masks.masks["artifact"][i]
+        assert bars.any() == bool(head["artifact"].iat[i])
+        # the bars are blank at the input (but for the 2 px where the bicubic kernel mixes them with the image
+        # when down-sizing), and the lungs never lie in them
+        inner = ~dilate(~bars, 2)
+        assert inner.any() == bars.any() and (border[i] | ~inner).all()
+        assert not (masks.masks["lungs"][i] & bars).any()
