@@ -76,6 +76,20 @@ def dilate(mask: torch.Tensor, radius: float) -> torch.Tensor:
     return (out > 0.5).reshape(shape)
 
 
+def empty_border(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """bool [N, H, W]: the rows and columns at the edges of each input [N, C, H, W] that are blank
+    (every value <= ``eps``), counted inwards until the first row or column with content. This is
+    preprocessing's zero padding plus any black bars burned into the file, which look the same to a
+    model (the ``padding`` mask knows only the former)."""
+    blank = images.abs().amax(1) <= eps
+
+    def from_edges(lines: torch.Tensor) -> torch.Tensor:  # [N, L] blank lines -> those connected to an edge
+        return lines.int().cumprod(1).bool() | lines.flip(1).int().cumprod(1).flip(1).bool()
+
+    rows, cols = from_edges(blank.all(2)), from_edges(blank.all(1))
+    return rows[:, :, None] | cols[:, None, :]
+
+
 @dataclass
 class MaskSet:
     """Images and masks of a mask folder at one input size.

@@ -17,7 +17,8 @@ check, and runs the shortcut detector on a classification split (default: the ru
 
 Metrics (see :mod:`cxrlens.score.metrics`): ``lung_focus`` (positive attribution share inside the
 lungs), ``relevance_mass_accuracy`` / ``relevance_rank_accuracy`` / ``pointing_game`` (against the
-opacity mask), ``device_share`` and ``outside_body_share``, ``deletion_auc``, ``insertion_auc``, the
+opacity mask), ``device_share``, ``outside_body_share`` and ``padding_share`` (inside the zero padding
+and any black bars, :func:`~cxrlens.score.masks.empty_border`), ``deletion_auc``, ``insertion_auc``, the
 gaps to a random order and their sum ``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the
 trained vs the fully randomised model; low is good) and ``max_sensitivity``.
 """
@@ -42,7 +43,7 @@ from cxrlens.errors import CxrlensError
 from cxrlens.runs import LoadedRun, atomic_write_bytes, atomic_write_text, load_run
 from cxrlens.score import metrics as M
 from cxrlens.score import shortcut as S
-from cxrlens.score.masks import MaskSet, load_mask_set
+from cxrlens.score.masks import MaskSet, empty_border, load_mask_set
 
 DEFAULT_MASKS = Path(__file__).resolve().parents[3] / "data" / "lungmasks"
 DEFAULT_METHODS = ("saliency", "integrated_gradients", "grad_cam")
@@ -55,6 +56,7 @@ METRICS: dict[str, bool] = {
     "pointing_game": True,
     "device_share": False,
     "outside_body_share": False,
+    "padding_share": False,
     "deletion_auc": False,
     "insertion_auc": True,
     "deletion_gap": True,
@@ -64,7 +66,7 @@ METRICS: dict[str, bool] = {
     "sanity_ssim": False,
     "max_sensitivity": False,
 }
-REFERENCE_COLUMNS = ("lung_area", "opacity_area", "device_area", "outside_body_area")
+REFERENCE_COLUMNS = ("lung_area", "opacity_area", "device_area", "outside_body_area", "padding_area")
 
 
 def _picked_mean(values: torch.Tensor, pick: np.ndarray) -> float:
@@ -215,11 +217,13 @@ def score_model(
     opacity = masks.get("opacity", torch.zeros_like(lungs))
     devices = masks.get("devices", torch.zeros_like(lungs))
     outside = masks["outside_body"]
+    padding = masks["padding"] | empty_border(mask_set.images)  # zero padding and black bars in the file
     areas = {
         "lung_area": M.mask_share(lungs).numpy(),
         "opacity_area": M.mask_share(opacity).numpy(),
         "device_area": M.mask_share(devices).numpy(),
         "outside_body_area": M.mask_share(outside).numpy(),
+        "padding_area": M.mask_share(padding).numpy(),
     }
     for key, present in (("opacity_area", "opacity"), ("device_area", "devices")):
         if present in mask_set.present:
@@ -245,6 +249,7 @@ def score_model(
             "pointing_game": M.pointing_game(maps, opacity, pointing_tolerance),
             "device_share": M.mass_share(maps, devices),
             "outside_body_share": M.mass_share(maps, outside),
+            "padding_share": M.mass_share(maps, padding),
         }
         faith = M.faithfulness(model, images, maps, target_idx, steps=steps, baseline=baseline,
                                max_batch=max_batch * 4, random_auc=random_auc)
