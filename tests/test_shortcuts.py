@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import CXR3, LUNGMASKS, XRAY
 from PIL import Image
 
@@ -163,3 +166,120 @@ def test_planted_mask_set_carries_masks_through_padding(tmp_path):
         inner = ~dilate(~bars, 2)
         assert inner.any() == bars.any() and (border[i] | ~inner).all()
         assert not (masks.masks["lungs"][i] & bars).any()
+
+
+# --- the shortcut test end to end ----------------------------------------------------------------
+
+GRADIENT_METHODS = {"saliency", "input_x_gradient", "guided_backprop", "integrated_gradients", "deeplift",
+                    "smoothgrad"}
+
+
+@pytest.fixture(scope="module")
+def tiny_test(tmp_path_factory):
+    """A tiny real shortcut test: 90 training images at 64 px, a 'PORTABLE' marker on every COVID-19 image
+    (p = 1) vs none (p = 0), 12 epochs of ResNet18, three methods, the detector on 8 lung-mask images."""
+    from cxrlens.shortcut_test import ShortcutTestConfig, run_shortcut_test
+
+    root = tmp_path_factory.mktemp("shortcut")
+    labels = pd.read_csv(CXR3 / "labels.csv", dtype=str, keep_default_na=False)
+    sizes = {"train": 30, "val": 10, "test": 12}
+    frame = pd.concat([rows.head(sizes[split]) for (split, _), rows in labels.groupby(["split", "cls"])])
+    frame["path"] = [str(CXR3 / p) for p in frame["path"]]
+    frame.to_csv(root / "labels.csv", index=False)
+    config = ShortcutTestConfig(
+        out=str(root / "out"), data=str(root / "labels.csv"), rates=(0.0, 1.0), image_size=64, epochs=12,
+        batch_size=8, artifact=ArtifactConfig("marker", size=0.1), methods=("saliency", "input_x_gradient", "grad_cam"),
+        focus_images=12, detector_images=8, bootstrap=200, progress=False,
+    )
+    torch.set_num_threads(1)
+    return run_shortcut_test(config), root / "out"
+
+
+@pytest.mark.slow
+def test_planted_model_relies_on_the_artifact_and_the_clean_one_does_not(tiny_test):
+    summary, out = tiny_test
+    reliance = pd.DataFrame(summary["tables"]["reliance"]).set_index("rate")
+    # p = 1: the marker alone says COVID-19, so moving it to the other classes wrecks F1 (measured 0.92 -> 0.11)
+    assert reliance.loc[1.0, "aligned_f1"] - reliance.loc[1.0, "swapped_f1"] > 0.4
+    assert reliance.loc[1.0, "reliance_f1_low"] > 0.2  # and the interval says so
+    assert reliance.loc[1.0, "reliance_auroc_low"] > 0.3
+    # p = 0: the marker means nothing to it (measured -0.05)
+    assert reliance.loc[0.0, "reliance_f1"] < 0.2
+    assert reliance.loc[0.0, "n_images"] == 36
+
+
+@pytest.mark.slow
+def test_a_gradient_method_finds_the_artifact_only_in_the_planted_model(tiny_test):
+    summary, out = tiny_test
+    focus = pd.DataFrame(summary["tables"]["focus"])
+    assert set(focus["method"]) == {"saliency", "input_x_gradient", "grad_cam", "grad_cam@layer3"}
+    planted = focus[(focus["rate"] == 1.0) & focus["method"].isin(GRADIENT_METHODS)]
+    found = set(planted.loc[planted["above_chance"], "method"])
+    assert found, planted[["method", "ratio", "wilcoxon_p_holm"]]
+    clean = focus[(focus["rate"] == 0.0)].set_index("method")
+    for method in found:
+        assert not clean.loc[method, "above_chance"], method
+        row = planted.set_index("method").loc[method]
+        assert row["ratio_low"] > 1 and row["auroc_vs_clean_low"] > 0.5
+    assert focus["area"].between(0.01, 0.2).all()  # the marker's box: about 9 % of a 64 px input
+    per_image = pd.read_csv(out / "focus_images.csv")
+    assert len(per_image) == 2 * 4 * 12 and per_image["share"].between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_shortcut_test_writes_tables_figures_naps_and_detector(tiny_test, tmp_path):
+    from cxrlens.report import build_report
+
+    summary, out = tiny_test
+    for name in ("reliance.csv", "focus.csv", "nap.csv", "detector.csv", "detector.json", "summary.md",
+                 "summary.json", "nap_p0.png", "nap_p1.png"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("shortcut_test.png", "gallery.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    nap = pd.read_csv(out / "nap.csv")
+    assert set(nap["layer"]) == {"maxpool", "layer1", "layer2", "layer3", "layer4"} and set(nap["rate"]) == {0, 1}
+    assert (nap["separating_maps"] <= nap["live_maps"]).all()
+    detector = pd.read_csv(out / "detector.csv")
+    assert detector["rate"].tolist() == [0, 1] and detector["planted"].tolist() == [False, True]
+    assert (detector["correct"] == (detector["attribution_flagged"] == detector["planted"])).all()
+    verdicts = json.loads((out / "detector.json").read_text())["verdicts"]
+    assert all("thresholds:" in v["statements"][-1] for v in verdicts.values())  # every verdict states them
+    assert "## 4. The shortcut detector, unchanged" in (out / "summary.md").read_text()
+    run = out / "runs" / "resnet18-p1"
+    html = build_report([run], tmp_path / "r.html", shortcut_dir=out).read_text()
+    assert 'id="shortcut-test"' in html and "shortcut-focus" in html and "input_x_gradient" in html
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from cxrlens.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cxrlens", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cls", "Cardiomegaly"], "error: unknown class 'Cardiomegaly'; the classes are: COVID-19, Pneumonia, Normal"),
+    (["--rates", "0,1.5"], "error: rate 1.5 is outside [0, 1]"),
+    (["--rates", "0,half"], "error: --rates must be numbers"),
+    (["--artifact-size", "2"], "error: artifact size 2.0 is not in (0, 1]"),
+    (["--artifact", "marker", "--artifact-size", "0.3"], "error: marker 'PORTABLE' at size 0.3 is"),
+    (["--artifact", "sticker"], "error: unknown artifact 'sticker'; choose one of: marker, patch, texture, padding"),
+])
+def test_bad_shortcut_test_input_is_one_line_and_writes_nothing(args, message, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(out), *args)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_class_the_data_lacks_is_an_error_before_writing(small_data, tmp_path, monkeypatch, capsys):
+    normals = pd.read_csv(small_data)
+    normals[normals["cls"] == "normal"].to_csv(tmp_path / "normals.csv", index=False)
+    code, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(tmp_path / "out"), "--data",
+                        str(tmp_path / "normals.csv"))
+    assert code == 2 and "no image has class 'COVID-19'" in err and not (tmp_path / "out").exists()
