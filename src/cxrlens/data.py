@@ -362,16 +362,44 @@ def patient_split(
 # --- torch dataset -------------------------------------------------------------------------------
 
 
+PLACEMENTS = ("centre", "random")
+
+
+class RandomPlacement:
+    """Training-time placement: the image content (everything inside the blank border, i.e. the zero
+    padding and any black bars) moves to a random position in the square, so *where* the padding lies
+    tells nothing about the image; an answer to the padding shortcut (image shape differs by source).
+    The amount of padding is unchanged, and inference keeps the centred placement."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # [C, H, W]
+        filled = image.abs().amax(0) > 0
+        rows, cols = torch.nonzero(filled.any(1)).flatten(), torch.nonzero(filled.any(0)).flatten()
+        if len(rows) == 0:
+            return image
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        height, width = image.shape[-2:]
+        new_top = int(np.random.randint(0, height - (bottom - top) + 1))
+        new_left = int(np.random.randint(0, width - (right - left) + 1))
+        out = torch.zeros_like(image)
+        out[:, new_top : new_top + bottom - top, new_left : new_left + right - left] = image[:, top:bottom, left:right]
+        return out
+
+
 class XrayDataset(Dataset):
     """Images of a manifest as [3, size, size] tensors with their multi-hot targets.
 
     Preprocessed images are cached in memory as float16 (a 224 px image takes 100 kB), so later
-    epochs skip decoding; augmentation, if any, runs on the cached tensor.
+    epochs skip decoding; placement and augmentation, if any, run on the cached tensor.
+    ``placement``: "centre" (the study's) or "random" (:class:`RandomPlacement`, for training).
     """
 
-    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True):
+    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True,
+                 placement: str = "centre"):
+        if placement not in PLACEMENTS:
+            raise CxrlensError(f"unknown placement '{placement}'; choose one of: {', '.join(PLACEMENTS)}")
         self.manifest = manifest
         self.preprocess = Preprocess(size)
+        self.placement = RandomPlacement() if placement == "random" else None
         self.augment = augment
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.targets = torch.from_numpy(manifest.targets)
@@ -389,6 +417,8 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(index)
+        if self.placement is not None:
+            image = self.placement(image)
         if self.augment is not None:
             image = self.augment(image)
         return image.expand(3, -1, -1), self.targets[index]

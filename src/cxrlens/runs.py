@@ -45,6 +45,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     num_workers: int = 0
+    placement: str = "centre"  # "random": the image sits at a random place in the square while training
     extra: dict = field(default_factory=dict)
 
     @property

@@ -172,7 +172,7 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None) -> tuple
     val_set = manifest.split(config.val_split)
     augment = XrayAugment() if config.augment else None
     train = DataLoader(
-        XrayDataset(train_set, config.image_size, augment),
+        XrayDataset(train_set, config.image_size, augment, placement=config.placement),
         batch_size=config.batch_size,
         shuffle=True,
         num_workers=config.num_workers,
