@@ -283,3 +283,23 @@ def test_a_class_the_data_lacks_is_an_error_before_writing(small_data, tmp_path,
     code, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(tmp_path / "out"), "--data",
                         str(tmp_path / "normals.csv"))
     assert code == 2 and "no image has class 'COVID-19'" in err and not (tmp_path / "out").exists()
+
+
+def test_random_placement_moves_the_content_and_keeps_it_whole():
+    from cxrlens.data import RandomPlacement
+
+    planted = plant(read_image(XRAY), ArtifactConfig("padding", size=0.2), 0)  # bars top and bottom
+    image = Preprocess(64)(planted.image)
+    filled = image[0] > 0
+    rows, cols = torch.nonzero(filled.any(1)).flatten(), torch.nonzero(filled.any(0)).flatten()
+    content = image[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    np.random.seed(0)
+    tops = set()
+    for _ in range(20):
+        moved = RandomPlacement()(image)
+        assert moved.shape == image.shape and moved.sum() == pytest.approx(float(image.sum()), rel=1e-6)
+        moved_rows = torch.nonzero((moved[0] > 0).any(1)).flatten()
+        top, left = int(moved_rows[0]), int(torch.nonzero((moved[0] > 0).any(0)).flatten()[0])
+        assert torch.equal(moved[:, top : top + content.shape[1], left : left + content.shape[2]], content)
+        tops.add(top)
+    assert len(tops) > 5  # about 25 free rows: the content lands in many places

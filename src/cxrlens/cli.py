@@ -232,6 +232,8 @@ def shortcut_test(
     image_size: int = 128,
     batch_size: int = 16,
     max_images: Annotated[int | None, typer.Option(help="use at most this many training images")] = None,
+    placement: Annotated[str, typer.Option(help="centre, or random: the image sits anywhere in the square while "
+                                                "training (against the padding shortcut)")] = "centre",
     runs: Annotated[list[str] | None, typer.Option("--runs", help="existing run per rate, in order (repeat)")] = None,
     methods: Annotated[str, typer.Option(help="'all' or comma-separated attribution methods")] = "all",
     focus_images: Annotated[int, typer.Option(help="aligned test images explained")] = 24,
@@ -247,7 +249,8 @@ def shortcut_test(
     config = ShortcutTestConfig(
         out=out, data=data, cls=cls, rates=parse_rates(rates), other_rate=other_rate, model=model, epochs=epochs,
         artifact=ArtifactConfig(kind=artifact, size=artifact_size, band=band, contrast=contrast, text=text),
-        image_size=image_size, batch_size=batch_size, max_images=max_images, runs=tuple(runs or ()),
+        image_size=image_size, batch_size=batch_size, max_images=max_images, placement=placement,
+        runs=tuple(runs or ()),
         methods=() if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
         focus_images=focus_images, detector=detector, thresholds=thresholds, seed=seed,
     )

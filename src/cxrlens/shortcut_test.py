@@ -77,6 +77,7 @@ class ShortcutTestConfig:
     batch_size: int = 16
     max_images: int | None = None
     train_seed: int = 1701
+    placement: str = "centre"  # "random": the remedy for the padding shortcut (cxrlens.data.RandomPlacement)
     runs: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     method_params: dict = field(default_factory=dict)
@@ -114,6 +115,10 @@ class ShortcutTestConfig:
         for run in self.runs:
             if run and not (Path(run) / "config.json").is_file():
                 raise CxrlensError(f"{run} is not a run folder (no config.json); train one with `cxrlens train`")
+        from cxrlens.data import PLACEMENTS
+
+        if self.placement not in PLACEMENTS:
+            raise CxrlensError(f"unknown placement '{self.placement}'; choose one of: {', '.join(PLACEMENTS)}")
         if self.focus_images < 1:
             raise CxrlensError("--focus-images must be at least 1")
         return self
@@ -161,7 +166,7 @@ def _train_or_reuse(config: ShortcutTestConfig, planted: PlantedDataset, rate: f
     train_config = TrainConfig(
         model=config.model, data=str(planted.labels), out=str(run_dir), epochs=config.epochs,
         image_size=config.image_size, batch_size=config.batch_size, max_images=config.max_images,
-        seed=config.train_seed,
+        seed=config.train_seed, placement=config.placement,
     )
     if config.progress:
         print(f"\n== training {config.model} with the artifact on {rate:g} of {planted.cls} "
@@ -710,3 +715,152 @@ def _write_outputs(out: Path, config: ShortcutTestConfig, tables: dict[str, pd.D
                "thresholds_source": source, "files": files}
     atomic_write_text(out / "summary.json", json.dumps(_jsonable(summary), indent=2, default=str))
     return summary
+
+
+# --- calibrating the detector --------------------------------------------------------------------
+
+LOCATION_KINDS = {"location", "padding"}
+USED_AUROC = 0.75  # a signal counts towards the verdict when it separates planted from clean models this well
+
+
+def detector_evaluations(result_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per model x shortcut test folder: architecture, artifact, rate, whether the model has the
+    shortcut (p >= 0.5: True, p = 0: False, else None), the run (a model evaluated in several folders
+    is one run) and the detector's signals."""
+    records = []
+    for folder in result_dirs:
+        path = Path(folder) / "detector.json"
+        if not path.is_file():
+            raise CxrlensError(f"{folder} has no detector.json; run `cxrlens shortcut-test` (with the detector) there")
+        detector = json.loads(path.read_text())
+        for name, verdict in detector["verdicts"].items():
+            rate = float(verdict["rate"])
+            records.append({
+                "folder": str(folder), "model": name, "run": str(Path(verdict["run"]).resolve()),
+                "architecture": name.rsplit("-p", 1)[0], "artifact": detector["artifact"]["kind"], "rate": rate,
+                "planted": True if rate >= PLANTED_RATE else False if rate == 0 else None,
+                **{k: np.nan if v is None else v for k, v in verdict["signals"].items() if k != "by_class"},
+            })
+    return pd.DataFrame(records)
+
+
+def choose_threshold(values: np.ndarray, planted: np.ndarray, direction: str) -> float:
+    """The threshold with the best balanced accuracy (Youden's J) between the values of models with
+    and without the shortcut; among equally good ones, the middle one (the widest margin)."""
+    finite = np.isfinite(values)
+    values, planted = values[finite], planted[finite]
+    if not planted.any() or planted.all():
+        return float("nan")
+    points = np.unique(values)
+    candidates = np.concatenate([[points[0] - 1e-9], (points[:-1] + points[1:]) / 2, [points[-1] + 1e-9]])
+    flagged = values[None, :] < candidates[:, None] if direction == "below" else values[None, :] >= candidates[:, None]
+    youden = flagged[:, planted].mean(1) - flagged[:, ~planted].mean(1)
+    if youden.max() <= 0:  # no threshold beats flagging nothing: flag nothing
+        return float(candidates[0] if direction == "below" else candidates[-1])
+    best = np.nonzero(youden >= youden.max() - 1e-12)[0]
+    return float(candidates[best[len(best) // 2]])
+
+
+def _calibrate_signals(frame: pd.DataFrame) -> dict:
+    from cxrlens.score.shortcut import UNCALIBRATED, Signal
+
+    planted = frame["planted"].astype(bool).to_numpy()
+    signals = {}
+    for name, default in UNCALIBRATED.items():
+        values = frame[name].to_numpy(dtype=np.float64)
+        finite = np.isfinite(values)
+        oriented = -values if default.direction == "below" else values
+        score = separation_auroc(oriented[finite & planted], oriented[finite & ~planted]) \
+            if (finite & planted).any() and (finite & ~planted).any() else float("nan")
+        threshold = choose_threshold(values, planted, default.direction)
+        if default.kind in LOCATION_KINDS and math.isfinite(threshold):
+            used = bool(score >= USED_AUROC)
+            note = f"AUROC planted vs clean {score:.2f} over {int(finite.sum())} evaluations"
+            signals[name] = Signal(threshold, default.direction, default.kind, used, note)
+        else:  # the source signals: planting does not change the sources, so it cannot calibrate them
+            note = (f"hand-chosen; AUROC planted vs clean {score:.2f}: planting does not change where images come "
+                    "from, so it cannot test a source signal")
+            signals[name] = Signal(default.threshold, default.direction, default.kind, default.used, note)
+    return signals
+
+
+def _detector_errors(frame: pd.DataFrame, signals: dict) -> dict:
+    """False flags on clean models and misses at p >= 0.5 of the location/padding flag."""
+    used = [n for n, s in signals.items() if s.used and s.kind in LOCATION_KINDS]
+    flagged = np.zeros(len(frame), dtype=bool)
+    for name in used:
+        flagged |= np.array([signals[name].flags(v) for v in frame[name]])
+    planted = frame["planted"].astype(bool).to_numpy()
+    return {
+        "signals": used,
+        "clean": int((~planted).sum()), "false_flags": int((flagged & ~planted).sum()),
+        "planted": int(planted.sum()), "misses": int((~flagged & planted).sum()),
+        "false_flag_rate": float((flagged & ~planted).sum() / max((~planted).sum(), 1)),
+        "miss_rate": float((~flagged & planted).sum() / max(planted.sum(), 1)),
+        "flagged": flagged.tolist(),
+    }
+
+
+def _cross_validated(frame: pd.DataFrame) -> np.ndarray:
+    """The location/padding flag of each evaluation with thresholds chosen without its run."""
+    flagged = np.zeros(len(frame), dtype=bool)
+    for run in frame["run"].unique():
+        held = (frame["run"] == run).to_numpy()
+        rest = frame[~held]
+        if rest["planted"].nunique() < 2:
+            continue
+        signals = _calibrate_signals(rest)
+        flagged[held] = _detector_errors(frame[held], signals)["flagged"]
+    return flagged
+
+
+def calibrate(result_dirs: Sequence[str | Path], out: str | Path, source: str = "") -> dict:
+    """Choose the detector's location and padding thresholds from shortcut-test folders (models with
+    p >= 0.5 have the shortcut, p = 0 do not; other rates are left out) and measure its error rates,
+    in-sample and leave-one-run-out. Writes ``calibration.json`` (a file
+    :meth:`~cxrlens.score.shortcut.DetectorThresholds.load` reads; copy it over
+    ``score/shortcut_calibration.json`` to make it the default), ``calibration.csv`` and ``calibration.md``."""
+    from cxrlens.score.shortcut import DetectorThresholds
+
+    frame = detector_evaluations(result_dirs)
+    frame = frame[frame["planted"].notna()].reset_index(drop=True)
+    if frame["planted"].nunique() < 2:
+        raise CxrlensError("calibration needs models with (p >= 0.5) and without (p = 0) the shortcut")
+    signals = _calibrate_signals(frame)
+    errors = _detector_errors(frame, signals)
+    frame["flagged"] = errors.pop("flagged")
+    frame["flagged_cross_validated"] = _cross_validated(frame)
+    planted = frame["planted"].astype(bool)
+    cross = {"false_flags": int((frame["flagged_cross_validated"] & ~planted).sum()),
+             "misses": int((~frame["flagged_cross_validated"] & planted).sum())}
+    cross["false_flag_rate"] = cross["false_flags"] / max(int((~planted).sum()), 1)
+    cross["miss_rate"] = cross["misses"] / max(int(planted.sum()), 1)
+    runs = frame["run"].nunique()
+    described = (f"{len(frame)} evaluations of {runs} runs ({', '.join(sorted(frame['architecture'].unique()))}; "
+                 f"artifacts {', '.join(sorted(frame['artifact'].unique()))}; rates "
+                 f"{', '.join(f'{r:g}' for r in sorted(frame['rate'].unique()))})")
+    thresholds = DetectorThresholds(signals, source or f"calibrated by cxrlens.shortcut_test.calibrate on {described}",
+                                    {"in_sample": errors, "leave_one_run_out": cross})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "calibration.json", json.dumps(_jsonable(thresholds.to_json()), indent=2))
+    atomic_write_text(out / "calibration.csv", frame.to_csv(index=False, float_format="%.5g"))
+    atomic_write_text(out / "calibration.md", _calibration_markdown(thresholds))
+    return {"thresholds": thresholds.to_json(), "evaluations": frame}
+
+
+def _calibration_markdown(thresholds: Any) -> str:
+    from cxrlens.score.shortcut import SIGNAL_TEXT
+
+    rows = [[name, SIGNAL_TEXT[name], s.rule(name), "yes" if s.used else "no", s.note]
+            for name, s in thresholds.signals.items()]
+    inside, cross = thresholds.error_rates["in_sample"], thresholds.error_rates["leave_one_run_out"]
+
+    def rates(e: dict) -> str:
+        return (f"{e['false_flags']} false flags on {inside['clean']} clean evaluations "
+                f"({100 * e['false_flag_rate']:.0f} %), {e['misses']} misses on {inside['planted']} planted ones "
+                f"({100 * e['miss_rate']:.0f} %)")
+
+    return (f"# Shortcut-detector calibration\n\n{thresholds.source}.\n\n"
+            + _markdown(["signal", "meaning", "flag", "counted", "evidence"], rows)
+            + f"\nThe location/padding flag, in-sample: {rates(inside)}; leave-one-run-out: {rates(cross)}.\n")
