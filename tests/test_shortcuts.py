@@ -303,3 +303,57 @@ def test_random_placement_moves_the_content_and_keeps_it_whole():
         assert torch.equal(moved[:, top : top + content.shape[1], left : left + content.shape[2]], content)
         tops.add(top)
     assert len(tops) > 5  # about 25 free rows: the content lands in many places
+
+
+# --- statistics and calibration ------------------------------------------------------------------
+
+
+def test_holm_and_threshold_choice_by_hand():
+    from cxrlens.shortcut_test import choose_threshold, holm, separation_auroc
+
+    # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1 = 0.04, 0.09, 0.08, 0.5; made monotone: 0.04, 0.09, 0.09, 0.5
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    values, planted = np.array([0.3, 0.4, 0.8, 0.9]), np.array([True, True, False, False])
+    assert choose_threshold(values, planted, "below") == pytest.approx(0.6)  # midway between 0.4 and 0.8
+    assert choose_threshold(values, ~planted, "above") == pytest.approx(0.6)
+    assert choose_threshold(values, ~planted, "below") < 0.3  # the wrong way round: flag nothing
+    assert separation_auroc([2, 3], [1, 2]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+
+
+def _detector_json(folder, kind, runs):
+    folder.mkdir(parents=True)
+    verdicts = {}
+    for name, rate, lung in runs:
+        signals = {"lung_focus_ratio": lung, "outside_body_ratio": 1.0, "padding_ratio": None, "probe_margin": 0.0,
+                   "source_spread": 0.2, "by_class": {}}
+        verdicts[name] = {"rate": rate, "run": str(folder.parent / name), "signals": signals}
+    (folder / "detector.json").write_text(json.dumps({"artifact": {"kind": kind}, "verdicts": verdicts}))
+
+
+def test_calibration_separates_planted_from_clean_and_states_its_errors(tmp_path):
+    from cxrlens.score.shortcut import DetectorThresholds, model_verdict
+    from cxrlens.shortcut_test import calibrate
+
+    _detector_json(tmp_path / "a", "marker", [("resnet18-p0", 0.0, 0.9), ("resnet18-p0.25", 0.25, 0.1),
+                                              ("resnet18-p1", 1.0, 0.5)])
+    _detector_json(tmp_path / "b", "patch", [("resnet18-p0", 0.0, 1.1), ("densenet161-p1", 1.0, 0.7)])
+    result = calibrate([tmp_path / "a", tmp_path / "b"], tmp_path / "cal")
+    evaluations = result["evaluations"]
+    assert len(evaluations) == 4 and 0.25 not in set(evaluations["rate"])  # 0 < p < 0.5 is left out
+    lung = result["thresholds"]["signals"]["lung_focus_ratio"]
+    assert lung["threshold"] == pytest.approx(0.8) and lung["used"]  # midway between 0.7 and 0.9
+    assert not result["thresholds"]["signals"]["outside_body_ratio"]["used"]  # constant: separates nothing
+    errors = result["thresholds"]["error_rates"]
+    assert errors["in_sample"]["false_flags"] == 0 and errors["in_sample"]["misses"] == 0
+    # leaving out the planted run at 0.7 moves the threshold to midway between 0.5 and 0.9 = 0.7, which misses it
+    assert errors["leave_one_run_out"]["misses"] == 1 and errors["leave_one_run_out"]["false_flags"] == 0
+    assert errors["leave_one_run_out"]["in_sample_only"] == 2  # the one clean run cannot be left out
+    thresholds = DetectorThresholds.load(tmp_path / "cal" / "calibration.json")
+    assert thresholds.signals["lung_focus_ratio"].threshold == pytest.approx(0.8)
+    assert "4 evaluations of 3 runs" in thresholds.source
+    rows = pd.DataFrame({"method": ["saliency"], "class": ["COVID-19"], "image": ["x"], "lung_focus": [0.2],
+                         "lung_area": [0.4]})
+    verdict = model_verdict("m", rows, thresholds=thresholds)
+    assert verdict["attribution_flagged"] and "from: calibrated by cxrlens.shortcut_test.calibrate" in \
+        verdict["statements"][-1]
+    assert (tmp_path / "cal" / "calibration.md").read_text().count("|") > 20

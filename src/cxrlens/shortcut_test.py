@@ -801,17 +801,20 @@ def _detector_errors(frame: pd.DataFrame, signals: dict) -> dict:
     }
 
 
-def _cross_validated(frame: pd.DataFrame) -> np.ndarray:
-    """The location/padding flag of each evaluation with thresholds chosen without its run."""
-    flagged = np.zeros(len(frame), dtype=bool)
+def _cross_validated(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """The location/padding flag of each evaluation with thresholds chosen without its run, and how
+    many evaluations kept their in-sample flag (their run was the only one with or without the shortcut)."""
+    flagged = frame["flagged"].to_numpy().copy()
+    kept = 0
     for run in frame["run"].unique():
         held = (frame["run"] == run).to_numpy()
         rest = frame[~held]
         if rest["planted"].nunique() < 2:
+            kept += int(held.sum())
             continue
         signals = _calibrate_signals(rest)
         flagged[held] = _detector_errors(frame[held], signals)["flagged"]
-    return flagged
+    return flagged, kept
 
 
 def calibrate(result_dirs: Sequence[str | Path], out: str | Path, source: str = "") -> dict:
@@ -829,10 +832,10 @@ def calibrate(result_dirs: Sequence[str | Path], out: str | Path, source: str = 
     signals = _calibrate_signals(frame)
     errors = _detector_errors(frame, signals)
     frame["flagged"] = errors.pop("flagged")
-    frame["flagged_cross_validated"] = _cross_validated(frame)
+    frame["flagged_cross_validated"], kept = _cross_validated(frame)
     planted = frame["planted"].astype(bool)
     cross = {"false_flags": int((frame["flagged_cross_validated"] & ~planted).sum()),
-             "misses": int((~frame["flagged_cross_validated"] & planted).sum())}
+             "misses": int((~frame["flagged_cross_validated"] & planted).sum()), "in_sample_only": kept}
     cross["false_flag_rate"] = cross["false_flags"] / max(int((~planted).sum()), 1)
     cross["miss_rate"] = cross["misses"] / max(int(planted.sum()), 1)
     runs = frame["run"].nunique()
@@ -863,4 +866,6 @@ def _calibration_markdown(thresholds: Any) -> str:
 
     return (f"# Shortcut-detector calibration\n\n{thresholds.source}.\n\n"
             + _markdown(["signal", "meaning", "flag", "counted", "evidence"], rows)
-            + f"\nThe location/padding flag, in-sample: {rates(inside)}; leave-one-run-out: {rates(cross)}.\n")
+            + f"\nThe location/padding flag, in-sample: {rates(inside)}; leave-one-run-out: {rates(cross)}"
+            + (f" ({cross['in_sample_only']} evaluations whose run could not be left out keep their in-sample flag)"
+               if cross.get("in_sample_only") else "") + ".\n")
