@@ -12,7 +12,8 @@ weights stay under --work; tables, figures and JSON (no weights, no images) are 
 3. two more clean ResNet18 (other seeds), each evaluated on all four artifacts (more models without the
    shortcut, for the detector's false-flag rate);
 4. the padding artifact at p = 1 trained with random placement (the preprocessing remedy);
-5. the detector's calibration from every folder of steps 1-4.
+5. the detector's calibration from every folder of steps 1-4, and the combined marker table and figure
+   (``marker.md``, ``marker.png``). ``--summarise`` redoes only step 5 from the folders already there.
 """
 
 from __future__ import annotations
@@ -23,10 +24,19 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from cxrlens.runs import TrainConfig
-from cxrlens.shortcut_test import ShortcutTestConfig, calibrate, run_shortcut_test
+from cxrlens.runs import TrainConfig, atomic_write_bytes, atomic_write_text
+from cxrlens.shortcut_test import (
+    ShortcutTestConfig,
+    calibrate,
+    detector_markdown,
+    focus_markdown,
+    plot_results,
+    reliance_markdown,
+    run_shortcut_test,
+)
 from cxrlens.shortcuts import ArtifactConfig
 
 ARTIFACTS = ("marker", "patch", "texture", "padding")
@@ -71,34 +81,64 @@ def clean_seed(work: Path, seed: int) -> Path:
     return out
 
 
+def calibration_folders(work: Path) -> list[Path]:
+    names = [f"marker-{m}" for m in SETTINGS] + [f"{k}-resnet18" for k in ARTIFACTS[1:]]
+    names += [f"clean-s{seed}/{kind}" for seed in (2, 3) for kind in ARTIFACTS]
+    return [work / name for name in names if (work / name / "summary.json").is_file()]
+
+
+def summarise(work: Path, results: Path) -> None:
+    """Step 5: calibration, and the marker results of both architectures in one table and figure."""
+    calibrate([str(f) for f in calibration_folders(work)], results / "calibration")
+    tables: dict[str, list[pd.DataFrame]] = {"reliance": [], "focus": [], "detector": []}
+    for model in SETTINGS:
+        folder = work / f"marker-{model}"
+        for name in tables:
+            if (folder / f"{name}.csv").is_file():
+                tables[name].append(pd.read_csv(folder / f"{name}.csv"))
+    if not tables["reliance"]:
+        return
+    merged = {name: pd.concat(parts, ignore_index=True) for name, parts in tables.items() if parts}
+    text = ("# Planted 'PORTABLE' marker on COVID-19: ResNet18 and DenseNet161 at 128 px\n\n## Reliance\n\n"
+            + reliance_markdown(merged["reliance"]) + "\n## Artifact focus per method\n\n"
+            + focus_markdown(merged["focus"]))
+    if "detector" in merged:
+        text += "\n## The detector, unchanged (thresholds at run time)\n\n" + detector_markdown(merged["detector"])
+    atomic_write_text(results / "marker.md", text)
+    atomic_write_bytes(results / "marker.png", plot_results(merged["reliance"], merged["focus"],
+                                                            "'PORTABLE' marker on COVID-19, 128 px"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/shortcut-exp")
     parser.add_argument("--results", default="results/shortcut")
+    parser.add_argument("--summarise", action="store_true", help="only calibrate and combine existing folders")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work, results = Path(args.work), Path(args.results)
+    if args.summarise:
+        summarise(work, results)
+        return
     started = time.process_time()
-    folders = []
     for model in ("resnet18", "densenet161"):  # 1
-        folders.append(experiment(work, results, f"marker-{model}", model=model, artifact=ArtifactConfig("marker"),
-                                  rates=(0.0, 0.5, 1.0), **SETTINGS[model]))
+        experiment(work, results, f"marker-{model}", model=model, artifact=ArtifactConfig("marker"),
+                   rates=(0.0, 0.5, 1.0), **SETTINGS[model])
     clean = str(work / "marker-resnet18" / "runs" / "resnet18-p0")
     for kind in ARTIFACTS[1:]:  # 2
-        folders.append(experiment(work, results, f"{kind}-resnet18", model="resnet18", artifact=ArtifactConfig(kind),
-                                  rates=(0.0, 0.5, 1.0), runs=(clean, "", ""), **SETTINGS["resnet18"]))
+        experiment(work, results, f"{kind}-resnet18", model="resnet18", artifact=ArtifactConfig(kind),
+                   rates=(0.0, 0.5, 1.0), runs=(clean, "", ""), **SETTINGS["resnet18"])
     for seed in (2, 3):  # 3
         run = str(clean_seed(work, seed))
         for kind in ARTIFACTS:
-            folders.append(experiment(work, results, f"clean-s{seed}/{kind}", model="resnet18",
-                                      artifact=ArtifactConfig(kind), rates=(0.0,), runs=(run,), gallery_images=1,
-                                      **SETTINGS["resnet18"]))
+            experiment(work, results, f"clean-s{seed}/{kind}", model="resnet18", artifact=ArtifactConfig(kind),
+                       rates=(0.0,), runs=(run,), gallery_images=1, **SETTINGS["resnet18"])
     padding_p1 = str(work / "padding-resnet18" / "runs" / "resnet18-p1")
     experiment(work, results, "padding-resnet18-random-placement", model="resnet18",  # 4
                artifact=ArtifactConfig("padding"), rates=(0.0, 1.0), runs=(clean, ""), placement="random",
                **SETTINGS["resnet18"])
     log(f"padding p = 1 with centred placement for comparison: {padding_p1}")
-    calibrate([str(f) for f in folders], results / "calibration")  # 5
+    summarise(work, results)  # 5
     log(f"all done: {time.process_time() - started:.0f} s of CPU in this process")
 
 

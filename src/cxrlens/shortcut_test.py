@@ -313,12 +313,15 @@ def artifact_focus(runs: dict[float, LoadedRun], mask_csv: Path, index: int, con
         gallery[rate] = {}
         for label, method, params in tqdm(specs, desc=f"focus {run.name}", disable=not config.progress, leave=False):
             maps = attribute(model, images, [index], method=method, model_name=run.config.model, **params).maps[:, 0]
-            share = torch.nan_to_num(M.mass_share(maps, artifact), nan=0.0).numpy()  # no positive mass: none on it
+            # a map without positive values (e.g. a saturated sigmoid) shows nothing: nothing on the artifact,
+            # and its maximum points nowhere
+            empty = (maps.flatten(1).amax(1) <= 0).numpy()
+            share = torch.nan_to_num(M.mass_share(maps, artifact), nan=0.0).numpy()
             area = M.mask_share(artifact).numpy()
-            hit = M.pointing_game(maps, artifact).numpy()
+            hit = np.where(empty, 0.0, M.pointing_game(maps, artifact).numpy())
             rows.append(pd.DataFrame({"rate": rate, "model": run.config.model, "run": run.name, "method": label,
                                       "image": names, "share": share, "area": area, "ratio": share / area,
-                                      "hit": hit}))
+                                      "hit": hit, "empty": empty}))
             gallery[rate][label] = maps[:keep].detach().clone()
     return FocusResult(pd.concat(rows, ignore_index=True), gallery, images[:keep], artifact[:keep])
 
@@ -335,7 +338,8 @@ def focus_table(focus: pd.DataFrame, config: ShortcutTestConfig) -> pd.DataFrame
     for (rate, method), rows in focus.groupby(["rate", "method"], sort=False):
         rows = rows.sort_values("image")
         record: dict[str, Any] = {"model": rows["model"].iat[0], "rate": rate, "method": method,
-                                  "n_images": len(rows), "area": float(rows["area"].mean())}
+                                  "n_images": len(rows), "empty_maps": int(rows["empty"].sum()),
+                                  "area": float(rows["area"].mean())}
         for column in ("share", "ratio", "hit"):
             _with_interval(record, column, bootstrap_interval(np.mean, (rows[column].to_numpy(),), config.bootstrap,
                                                               config.seed))
@@ -548,10 +552,10 @@ def reliance_markdown(reliance: pd.DataFrame) -> str:
 
 
 def focus_markdown(table: pd.DataFrame) -> str:
-    rows = [[r["model"], f"{r['rate']:g}", r["method"], r["n_images"], _cell(r, "share"), _cell(r, "ratio"),
-             _cell(r, "hit"), f"{r['area']:.3f}", _cell(r, "auroc_vs_clean"), "yes" if r["above_chance"] else "no"]
-            for r in table.to_dict("records")]
-    return _markdown(["model", "p", "method", "n", "share on artifact", "share / area (1 = chance)",
+    rows = [[r["model"], f"{r['rate']:g}", r["method"], r["n_images"], r.get("empty_maps", "–"), _cell(r, "share"),
+             _cell(r, "ratio"), _cell(r, "hit"), f"{r['area']:.3f}", _cell(r, "auroc_vs_clean"),
+             "yes" if r["above_chance"] else "no"] for r in table.to_dict("records")]
+    return _markdown(["model", "p", "method", "n", "empty maps", "share on artifact", "share / area (1 = chance)",
                       "points at artifact", "area share", "AUROC vs clean model", "above chance"], rows)
 
 
@@ -586,7 +590,8 @@ def summary_markdown(config: ShortcutTestConfig, tables: dict[str, pd.DataFrame]
     text += ("\n## 2. Which explanation finds the artifact\n\nOn the aligned test images that carry it: positive "
              "attribution inside the artifact's mask, the same divided by the mask's area share, how often the "
              "map's maximum lies on it, and how well that share tells this model from the clean one (AUROC; "
-             "0.5 = not at all). 'above chance': share > area share per image by a one-sided Wilcoxon signed-rank "
+             "0.5 = not at all); 'empty maps': maps without a positive value (they count as nothing on the artifact). "
+             "'above chance': share > area share per image by a one-sided Wilcoxon signed-rank "
              f"test, Holm-corrected over the methods of the model, at {SIGNIFICANCE:g}.\n\n"
              + focus_markdown(tables["focus"]))
     text += ("\n## 3. NAPs: feature maps that see the artifact\n\nThe same test images with and without the "
@@ -741,7 +746,10 @@ def detector_evaluations(result_dirs: Sequence[str | Path]) -> pd.DataFrame:
                 "planted": True if rate >= PLANTED_RATE else False if rate == 0 else None,
                 **{k: np.nan if v is None else v for k, v in verdict["signals"].items() if k != "by_class"},
             })
-    return pd.DataFrame(records)
+    from cxrlens.score.shortcut import UNCALIBRATED
+
+    return pd.DataFrame(records).reindex(columns=[*records[0], *(n for n in UNCALIBRATED if n not in records[0])]) \
+        if records else pd.DataFrame()
 
 
 def choose_threshold(values: np.ndarray, planted: np.ndarray, direction: str) -> float:
@@ -773,7 +781,10 @@ def _calibrate_signals(frame: pd.DataFrame) -> dict:
         score = separation_auroc(oriented[finite & planted], oriented[finite & ~planted]) \
             if (finite & planted).any() and (finite & ~planted).any() else float("nan")
         threshold = choose_threshold(values, planted, default.direction)
-        if default.kind in LOCATION_KINDS and math.isfinite(threshold):
+        if default.kind in LOCATION_KINDS and not math.isfinite(threshold):
+            signals[name] = Signal(default.threshold, default.direction, default.kind, False,
+                                   "no evaluation measured it; hand-chosen, not counted")
+        elif default.kind in LOCATION_KINDS:
             used = bool(score >= USED_AUROC)
             note = f"AUROC planted vs clean {score:.2f} over {int(finite.sum())} evaluations"
             signals[name] = Signal(threshold, default.direction, default.kind, used, note)

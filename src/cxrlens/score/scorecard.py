@@ -18,7 +18,8 @@ check, and runs the shortcut detector on a classification split (default: the ru
 Metrics (see :mod:`cxrlens.score.metrics`): ``lung_focus`` (positive attribution share inside the
 lungs), ``relevance_mass_accuracy`` / ``relevance_rank_accuracy`` / ``pointing_game`` (against the
 opacity mask), ``device_share``, ``outside_body_share`` and ``padding_share`` (inside the zero padding
-and any black bars, :func:`~cxrlens.score.masks.empty_border`), ``deletion_auc``, ``insertion_auc``, the
+and any black bars, :func:`~cxrlens.score.masks.empty_border`), ``outside_body_peak`` (1 when the map's
+maximum lies outside the thorax), ``deletion_auc``, ``insertion_auc``, the
 gaps to a random order and their sum ``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the
 trained vs the fully randomised model; low is good) and ``max_sensitivity``.
 """
@@ -57,6 +58,7 @@ METRICS: dict[str, bool] = {
     "device_share": False,
     "outside_body_share": False,
     "padding_share": False,
+    "outside_body_peak": False,
     "deletion_auc": False,
     "insertion_auc": True,
     "deletion_gap": True,
@@ -250,6 +252,9 @@ def score_model(
             "device_share": M.mass_share(maps, devices),
             "outside_body_share": M.mass_share(maps, outside),
             "padding_share": M.mass_share(maps, padding),
+            # does the map's maximum lie outside the thorax? (undefined for a map without positive values)
+            "outside_body_peak": M.pointing_game(maps, outside).masked_fill(maps.flatten(-2).amax(-1) <= 0,
+                                                                            float("nan")),
         }
         faith = M.faithfulness(model, images, maps, target_idx, steps=steps, baseline=baseline,
                                max_batch=max_batch * 4, random_auc=random_auc)

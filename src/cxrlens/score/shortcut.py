@@ -11,8 +11,10 @@ Three kinds of evidence, each a number, and a verdict written from those numbers
 * where the attribution lies (from the scorecard's per-image rows), each relative to the area it
   would get from a map spread evenly (1 = chance): the lung focus relative to the lungs' area share
   (the lungs cover 20-55 % of an input, so an absolute share says little), the share outside the
-  thorax relative to its area, and the share inside the zero padding (plus black bars burned into
-  the file) relative to its area: padding differs by source when image shapes do.
+  thorax relative to its area, how often the map's maximum lies outside the thorax relative to its
+  area (a small artifact takes little mass but often the peak), and the share inside the zero padding
+  (plus black bars burned into the file) relative to its area: padding differs by source when image
+  shapes do.
 
 Every signal is flagged against a threshold. The thresholds live in ``shortcut_calibration.json``
 beside this module, with where they came from (planted-shortcut runs of ``cxrlens shortcut-test``,
@@ -199,6 +201,7 @@ SIGNAL_TEXT = {
     "lung_focus_ratio": "lung focus / lung area share (lowest class; 1 = a map spread evenly)",
     "outside_body_ratio": "share outside the thorax / its area share (highest class)",
     "padding_ratio": "share in the zero padding / its area share (highest class)",
+    "outside_peak_ratio": "images whose map peaks outside the thorax / its area share (highest class)",
     "probe_margin": "source-probe accuracy minus the better baseline",
     "source_spread": "largest spread of a class's recall or specificity across sources",
 }
@@ -206,6 +209,7 @@ UNCALIBRATED = {
     "lung_focus_ratio": Signal(1.0, "below", "location"),
     "outside_body_ratio": Signal(1.5, "above", "location"),
     "padding_ratio": Signal(1.5, "above", "padding"),
+    "outside_peak_ratio": Signal(2.0, "above", "location"),
     "probe_margin": Signal(0.10, "above", "probe"),
     "source_spread": Signal(0.30, "above", "sources"),
 }
@@ -257,7 +261,8 @@ def _ratio(share: pd.Series, area: pd.Series) -> float:
 def location_signals(images: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Per class: lung_focus_ratio, outside_body_ratio, padding_ratio (see the module docstring),
     from the scorecard's per-image rows averaged over methods per image."""
-    columns = ["lung_focus", "lung_area", "outside_body_share", "outside_body_area", "padding_share", "padding_area"]
+    columns = ["lung_focus", "lung_area", "outside_body_share", "outside_body_area", "padding_share", "padding_area",
+               "outside_body_peak"]
     frame = images.reindex(columns=["class", "image", *columns])
     out = {}
     for cls, rows in frame.groupby("class", sort=False):
@@ -267,6 +272,7 @@ def location_signals(images: pd.DataFrame) -> dict[str, dict[str, float]]:
             "outside_body_ratio": _ratio(per_image["outside_body_share"], per_image["outside_body_area"]),
             "padding_ratio": _ratio(per_image["padding_share"], per_image["padding_area"].where(
                 per_image["padding_area"] > 0)),
+            "outside_peak_ratio": _ratio(per_image["outside_body_peak"], per_image["outside_body_area"]),
         }
     return out
 
@@ -284,6 +290,7 @@ def detector_signals(images: pd.DataFrame, probe: dict | None = None, performanc
         "lung_focus_ratio": _extreme([v["lung_focus_ratio"] for v in by_class.values()], lowest=True),
         "outside_body_ratio": _extreme([v["outside_body_ratio"] for v in by_class.values()], lowest=False),
         "padding_ratio": _extreme([v["padding_ratio"] for v in by_class.values()], lowest=False),
+        "outside_peak_ratio": _extreme([v["outside_peak_ratio"] for v in by_class.values()], lowest=False),
         "probe_margin": float("nan"),
         "source_spread": float("nan"),
     }
