@@ -31,8 +31,8 @@ from cxrlens.runs import TrainConfig, atomic_write_bytes, atomic_write_text
 from cxrlens.shortcut_test import (
     ShortcutTestConfig,
     calibrate,
-    detector_markdown,
     focus_markdown,
+    markdown_table,
     plot_results,
     reliance_markdown,
     run_shortcut_test,
@@ -88,9 +88,14 @@ def calibration_folders(work: Path) -> list[Path]:
 
 
 def summarise(work: Path, results: Path) -> None:
-    """Step 5: calibration, and the marker results of both architectures in one table and figure."""
-    calibrate([str(f) for f in calibration_folders(work)], results / "calibration")
-    tables: dict[str, list[pd.DataFrame]] = {"reliance": [], "focus": [], "detector": []}
+    """Step 5: calibration, and the marker results of both architectures in one table and figure, with the
+    detector's verdicts under the calibrated thresholds (in-sample and leave-one-run-out)."""
+    folders = calibration_folders(work)
+    source = (f"calibrated by scripts/shortcut_experiments.py on the planted runs in {results}/ "
+              "(RESULTS.md section 5): ResNet18 with marker, patch, texture and padding artifacts at p = 0, 0.5, 1 "
+              "plus two more clean seeds, DenseNet161 with the marker; 128 px, CPU-sized")
+    evaluations = calibrate([str(f) for f in folders], results / "calibration", source)["evaluations"]
+    tables: dict[str, list[pd.DataFrame]] = {"reliance": [], "focus": []}
     for model in SETTINGS:
         folder = work / f"marker-{model}"
         for name in tables:
@@ -98,12 +103,17 @@ def summarise(work: Path, results: Path) -> None:
                 tables[name].append(pd.read_csv(folder / f"{name}.csv"))
     if not tables["reliance"]:
         return
-    merged = {name: pd.concat(parts, ignore_index=True) for name, parts in tables.items() if parts}
+    merged = {name: pd.concat(parts, ignore_index=True) for name, parts in tables.items()}
+    marker = evaluations[evaluations["folder"].str.contains("/marker-")]
+    verdicts = [[r["model"], f"{r['rate']:g}", "yes" if r["planted"] else "no",
+                 "yes" if r["flagged"] else "no", "right" if r["flagged"] == r["planted"] else "WRONG",
+                 "yes" if r["flagged_cross_validated"] else "no",
+                 "right" if r["flagged_cross_validated"] == r["planted"] else "WRONG"] for _, r in marker.iterrows()]
     text = ("# Planted 'PORTABLE' marker on COVID-19: ResNet18 and DenseNet161 at 128 px\n\n## Reliance\n\n"
             + reliance_markdown(merged["reliance"]) + "\n## Artifact focus per method\n\n"
-            + focus_markdown(merged["focus"]))
-    if "detector" in merged:
-        text += "\n## The detector, unchanged (thresholds at run time)\n\n" + detector_markdown(merged["detector"])
+            + focus_markdown(merged["focus"]) + "\n## The detector with the calibrated thresholds\n\n"
+            + markdown_table(["model", "p", "has the shortcut", "flagged", "verdict", "flagged (thresholds chosen "
+                              "without this run)", "verdict"], verdicts))
     atomic_write_text(results / "marker.md", text)
     atomic_write_bytes(results / "marker.png", plot_results(merged["reliance"], merged["focus"],
                                                             "'PORTABLE' marker on COVID-19, 128 px"))

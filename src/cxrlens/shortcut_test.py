@@ -537,7 +537,7 @@ def _cell(record: Any, column: str, digits: int = 2) -> str:
     return text
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -547,7 +547,7 @@ def reliance_markdown(reliance: pd.DataFrame) -> str:
     rows = [[r["model"], f"{r['rate']:g}", f"{r['threshold']:.2f}", *(_cell(r, f"{v}_f1") for v in
              ("clean", "aligned", "swapped", "reliance")), *(_cell(r, f"{v}_auroc") for v in
              ("clean", "aligned", "swapped", "reliance"))] for r in reliance.to_dict("records")]
-    return _markdown(["model", "p", "threshold", "F1 clean", "F1 aligned", "F1 swapped", "F1 aligned − swapped",
+    return markdown_table(["model", "p", "threshold", "F1 clean", "F1 aligned", "F1 swapped", "F1 aligned − swapped",
                       "AUROC clean", "AUROC aligned", "AUROC swapped", "AUROC aligned − swapped"], rows)
 
 
@@ -555,14 +555,14 @@ def focus_markdown(table: pd.DataFrame) -> str:
     rows = [[r["model"], f"{r['rate']:g}", r["method"], r["n_images"], r.get("empty_maps", "–"), _cell(r, "share"),
              _cell(r, "ratio"), _cell(r, "hit"), f"{r['area']:.3f}", _cell(r, "auroc_vs_clean"),
              "yes" if r["above_chance"] else "no"] for r in table.to_dict("records")]
-    return _markdown(["model", "p", "method", "n", "empty maps", "share on artifact", "share / area (1 = chance)",
+    return markdown_table(["model", "p", "method", "n", "empty maps", "share on artifact", "share / area (1 = chance)",
                       "points at artifact", "area share", "AUROC vs clean model", "above chance"], rows)
 
 
 def nap_markdown(table: pd.DataFrame) -> str:
     rows = [[r["model"], f"{r['rate']:g}", r["layer"], f"{r['separating_maps']} of {r['live_maps']}",
              f"{r['max_separation']:.2f}", r["top_maps"]] for r in table.to_dict("records")]
-    return _markdown(["model", "p", "layer", f"maps with |d| >= {SEPARATING_EFFECT:g}", "largest |d|", "top maps"],
+    return markdown_table(["model", "p", "layer", f"maps with |d| >= {SEPARATING_EFFECT:g}", "largest |d|", "top maps"],
                      rows)
 
 
@@ -575,7 +575,7 @@ def detector_markdown(table: pd.DataFrame) -> str:
              *(f"{r[k]:.2f}" if pd.notna(r[k]) else "–" for k in
                ("lung_focus_ratio", "outside_body_ratio", "padding_ratio", "probe_margin", "source_spread"))]
             for r in table.to_dict("records")]
-    return _markdown(["model", "p", "has the shortcut", "risk", "location/padding flag", "verdict",
+    return markdown_table(["model", "p", "has the shortcut", "risk", "location/padding flag", "verdict",
                       "lung focus / area", "outside thorax / area", "padding / area", "probe margin",
                       "source spread"], rows)
 
@@ -876,7 +876,7 @@ def _calibration_markdown(thresholds: Any) -> str:
                 f"({100 * e['miss_rate']:.0f} %)")
 
     return (f"# Shortcut-detector calibration\n\n{thresholds.source}.\n\n"
-            + _markdown(["signal", "meaning", "flag", "counted", "evidence"], rows)
+            + markdown_table(["signal", "meaning", "flag", "counted", "evidence"], rows)
             + f"\nThe location/padding flag, in-sample: {rates(inside)}; leave-one-run-out: {rates(cross)}"
             + (f" ({cross['in_sample_only']} evaluations whose run could not be left out keep their in-sample flag)"
                if cross.get("in_sample_only") else "") + ".\n")
