@@ -19,7 +19,8 @@ Metrics (see :mod:`cxrlens.score.metrics`): ``lung_focus`` (positive attribution
 lungs), ``relevance_mass_accuracy`` / ``relevance_rank_accuracy`` / ``pointing_game`` (against the
 opacity mask), ``device_share``, ``outside_body_share`` and ``padding_share`` (inside the zero padding
 and any black bars, :func:`~cxrlens.score.masks.empty_border`), ``outside_body_peak`` (1 when the map's
-maximum lies outside the thorax), ``deletion_auc``, ``insertion_auc``, the
+maximum lies outside the thorax), ``outside_body_reliance`` (the drop of the class probability when
+everything outside the thorax is blurred: no attribution involved), ``deletion_auc``, ``insertion_auc``, the
 gaps to a random order and their sum ``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the
 trained vs the fully randomised model; low is good) and ``max_sensitivity``.
 """
@@ -59,6 +60,7 @@ METRICS: dict[str, bool] = {
     "outside_body_share": False,
     "padding_share": False,
     "outside_body_peak": False,
+    "outside_body_reliance": False,
     "deletion_auc": False,
     "insertion_auc": True,
     "deletion_gap": True,
@@ -105,6 +107,21 @@ def _labels(mask_set: MaskSet, taxonomy: Any) -> np.ndarray:
             except KeyError:
                 continue
     return out
+
+
+@torch.no_grad()
+def outside_body_reliance(model: nn.Module, images: torch.Tensor, outside: torch.Tensor, targets: list[int],
+                          max_batch: int = 16) -> np.ndarray:
+    """[B, T]: how much each target's probability drops when everything outside the thorax is blurred
+    (Gaussian, sigma = side / 20). A model that reads markers, tags or borders there loses evidence; one
+    that reads the lungs does not. Independent of any attribution method."""
+    blurred = M.make_baseline(images, "blur", images.shape[-1] / 20)
+    edited = torch.where(outside.to(images.device)[:, None], blurred, images)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.cat([model(part).float() for part in x.split(max_batch)]))[:, targets]
+
+    return (probabilities(images) - probabilities(edited)).cpu().numpy().astype(np.float64)
 
 
 def _explainer(method: str, targets: list[int], params: dict, max_batch: int, model_name: str) -> M.Explainer:
@@ -232,6 +249,7 @@ def score_model(
             areas[key] = np.where(mask_set.present[present].numpy(), areas[key], np.nan)
         else:
             areas[key] = np.full(len(mask_set), np.nan)
+    reliance_outside = outside_body_reliance(model, images, outside, target_idx, max_batch)
     random_auc = M.random_order_auc(model, images, target_idx, seed=seed, steps=steps, baseline=baseline,
                                     max_batch=max_batch * 4)
     has_target = np.nonzero(chosen.any(1))[0]
@@ -262,6 +280,7 @@ def score_model(
             values[key] = faith[key]
         values["faithfulness"] = faith["deletion_gap"] + faith["insertion_gap"]
         values = {k: v.cpu().numpy().astype(np.float64) for k, v in values.items()}
+        values["outside_body_reliance"] = reliance_outside
         for key in ("sanity_spearman", "sanity_ssim", "max_sensitivity"):
             values[key] = np.full(chosen.shape, np.nan)
         if len(sanity_idx):

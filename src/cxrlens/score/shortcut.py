@@ -14,7 +14,9 @@ Three kinds of evidence, each a number, and a verdict written from those numbers
   thorax relative to its area, how often the map's maximum lies outside the thorax relative to its
   area (a small artifact takes little mass but often the peak), and the share inside the zero padding
   (plus black bars burned into the file) relative to its area: padding differs by source when image
-  shapes do.
+  shapes do;
+* what the model does without the outside of the thorax: the drop of a class's probability when
+  everything outside the thorax is blurred (no attribution method involved).
 
 Every signal is flagged against a threshold. The thresholds live in ``shortcut_calibration.json``
 beside this module, with where they came from (planted-shortcut runs of ``cxrlens shortcut-test``,
@@ -202,6 +204,7 @@ SIGNAL_TEXT = {
     "outside_body_ratio": "share outside the thorax / its area share (highest class)",
     "padding_ratio": "share in the zero padding / its area share (highest class)",
     "outside_peak_ratio": "images whose map peaks outside the thorax / its area share (highest class)",
+    "outside_reliance": "drop of the class probability when the outside of the thorax is blurred (highest class)",
     "probe_margin": "source-probe accuracy minus the better baseline",
     "source_spread": "largest spread of a class's recall or specificity across sources",
 }
@@ -210,6 +213,7 @@ UNCALIBRATED = {
     "outside_body_ratio": Signal(1.5, "above", "location"),
     "padding_ratio": Signal(1.5, "above", "padding"),
     "outside_peak_ratio": Signal(2.0, "above", "location"),
+    "outside_reliance": Signal(0.10, "above", "location"),
     "probe_margin": Signal(0.10, "above", "probe"),
     "source_spread": Signal(0.30, "above", "sources"),
 }
@@ -262,7 +266,7 @@ def location_signals(images: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Per class: lung_focus_ratio, outside_body_ratio, padding_ratio (see the module docstring),
     from the scorecard's per-image rows averaged over methods per image."""
     columns = ["lung_focus", "lung_area", "outside_body_share", "outside_body_area", "padding_share", "padding_area",
-               "outside_body_peak"]
+               "outside_body_peak", "outside_body_reliance"]
     frame = images.reindex(columns=["class", "image", *columns])
     out = {}
     for cls, rows in frame.groupby("class", sort=False):
@@ -273,6 +277,7 @@ def location_signals(images: pd.DataFrame) -> dict[str, dict[str, float]]:
             "padding_ratio": _ratio(per_image["padding_share"], per_image["padding_area"].where(
                 per_image["padding_area"] > 0)),
             "outside_peak_ratio": _ratio(per_image["outside_body_peak"], per_image["outside_body_area"]),
+            "outside_reliance": float(per_image["outside_body_reliance"].mean()),
         }
     return out
 
@@ -291,6 +296,7 @@ def detector_signals(images: pd.DataFrame, probe: dict | None = None, performanc
         "outside_body_ratio": _extreme([v["outside_body_ratio"] for v in by_class.values()], lowest=False),
         "padding_ratio": _extreme([v["padding_ratio"] for v in by_class.values()], lowest=False),
         "outside_peak_ratio": _extreme([v["outside_peak_ratio"] for v in by_class.values()], lowest=False),
+        "outside_reliance": _extreme([v["outside_reliance"] for v in by_class.values()], lowest=False),
         "probe_margin": float("nan"),
         "source_spread": float("nan"),
     }
