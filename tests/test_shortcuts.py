@@ -357,3 +357,29 @@ def test_calibration_separates_planted_from_clean_and_states_its_errors(tmp_path
     assert verdict["attribution_flagged"] and "from: calibrated by cxrlens.shortcut_test.calibrate" in \
         verdict["statements"][-1]
     assert (tmp_path / "cal" / "calibration.md").read_text().count("|") > 20
+
+
+def test_outside_body_reliance_sees_only_what_lies_outside_the_thorax():
+    from torch import nn
+
+    from cxrlens.score.masks import load_mask_set
+    from cxrlens.score.scorecard import outside_body_reliance
+
+    masks = load_mask_set(LUNGMASKS, 32, max_images=4)
+    outside = masks.masks["outside_body"]
+
+    class Reads(nn.Module):  # logit 0 = mean brightness of the region it reads (per image), logit 1 = 0
+        def __init__(self, region: torch.Tensor):
+            super().__init__()
+            self.region = region.float()[:, None]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            inside = (x * self.region).sum((1, 2, 3)) / self.region.sum((1, 2, 3)).clamp(min=1)
+            return torch.stack([10 * (inside - 0.5), torch.zeros_like(inside)], 1)
+
+    lungs_only = outside_body_reliance(Reads(masks.masks["lungs"]), masks.images, outside, [0, 1])
+    assert np.array_equal(lungs_only, np.zeros((4, 2)))  # blurring outside the thorax cannot touch the lungs
+    outside_only = outside_body_reliance(Reads(outside), masks.images, outside, [0, 1])
+    assert (outside_only[:, 0] != 0).all() and (outside_only[:, 1] == 0).all()  # it moves what reads there
+    nothing_outside = torch.zeros_like(outside)
+    assert np.array_equal(outside_body_reliance(Reads(outside), masks.images, nothing_outside, [0]), np.zeros((4, 1)))
