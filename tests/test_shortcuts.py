@@ -323,7 +323,9 @@ def test_holm_and_threshold_choice_by_hand():
 def _detector_json(folder, kind, runs):
     folder.mkdir(parents=True)
     verdicts = {}
-    for name, rate, lung in runs:
+    pd.DataFrame({"rate": [r[1] for r in runs], "reliance_auroc": [r[3] for r in runs]}).to_csv(
+        folder / "reliance.csv", index=False)
+    for name, rate, lung, _ in runs:
         signals = {"lung_focus_ratio": lung, "outside_body_ratio": 1.0, "padding_ratio": None, "probe_margin": 0.0,
                    "source_spread": 0.2, "by_class": {}}
         verdicts[name] = {"rate": rate, "run": str(folder.parent / name), "signals": signals}
@@ -334,12 +336,16 @@ def test_calibration_separates_planted_from_clean_and_states_its_errors(tmp_path
     from cxrlens.score.shortcut import DetectorThresholds, model_verdict
     from cxrlens.shortcut_test import calibrate
 
-    _detector_json(tmp_path / "a", "marker", [("resnet18-p0", 0.0, 0.9), ("resnet18-p0.25", 0.25, 0.1),
-                                              ("resnet18-p1", 1.0, 0.5)])
-    _detector_json(tmp_path / "b", "patch", [("resnet18-p0", 0.0, 1.1), ("densenet161-p1", 1.0, 0.7)])
-    result = calibrate([tmp_path / "a", tmp_path / "b"], tmp_path / "cal")
+    # (name, rate, lung focus ratio, AUROC drop aligned -> swapped)
+    _detector_json(tmp_path / "a", "marker", [("resnet18-p0", 0.0, 0.9, 0.02), ("resnet18-p0.25", 0.25, 0.1, 0.3),
+                                              ("resnet18-p1", 1.0, 0.5, 0.6)])
+    _detector_json(tmp_path / "b", "patch", [("resnet18-p0", 0.0, 1.1, 0.01), ("densenet161-p1", 1.0, 0.7, 0.4)])
+    _detector_json(tmp_path / "c", "patch", [("resnet34-p1", 1.0, 1.5, 0.05)])
+    result = calibrate([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "cal")
     evaluations = result["evaluations"]
     assert len(evaluations) == 4 and 0.25 not in set(evaluations["rate"])  # 0 < p < 0.5 is left out
+    assert "resnet34-p1" not in set(evaluations["model"])  # planted, but it did not learn the artifact (drop 0.05)
+    assert result["thresholds"]["error_rates"]["planted_not_learned"] == ["resnet34-p1 (patch, AUROC drop 0.05)"]
     lung = result["thresholds"]["signals"]["lung_focus_ratio"]
     assert lung["threshold"] == pytest.approx(0.8) and lung["used"]  # midway between 0.7 and 0.9
     assert not result["thresholds"]["signals"]["outside_body_ratio"]["used"]  # constant: separates nothing

@@ -49,7 +49,8 @@ DEFAULT_MASKS = Path(__file__).resolve().parents[2] / "data" / "lungmasks"
 # a second, earlier Grad-CAM layer per architecture (the default one is the last stage)
 EARLY_GRADCAM_LAYER = {"resnet18": "layer3", "resnet34": "layer3", "densenet161": "features.denseblock3",
                        "inception_v3": "Mixed_6e", "inception_resnet_v2": "mixed_6a"}
-PLANTED_RATE = 0.5  # a model trained with p >= this has the shortcut (for judging the detector)
+PLANTED_RATE = 0.5  # a model trained with p >= this has the shortcut (for judging the detector) ...
+LEARNED_RELIANCE = 0.10  # ... when its AUROC drops by at least this from the aligned to the swapped test set
 SEPARATING_EFFECT = 1.0  # a feature map "separates" artifact from no artifact at |d| >= 1 (a large effect)
 SIGNIFICANCE = 0.05  # family-wise level of "above chance", Holm-corrected over the methods of one model
 
@@ -728,22 +729,37 @@ LOCATION_KINDS = {"location", "padding"}
 USED_AUROC = 0.75  # a signal counts towards the verdict when it separates planted from clean models this well
 
 
+def _has_shortcut(rate: float, reliance: float) -> bool | None:
+    """True: trained with p >= 0.5 and relies on the artifact (AUROC aligned - swapped >= 0.10); False:
+    p = 0; None (left out): other rates, and planted models that did not learn the artifact."""
+    if rate == 0:
+        return False
+    if rate >= PLANTED_RATE and np.isfinite(reliance) and reliance >= LEARNED_RELIANCE:
+        return True
+    return None
+
+
 def detector_evaluations(result_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per model x shortcut test folder: architecture, artifact, rate, whether the model has the
-    shortcut (p >= 0.5: True, p = 0: False, else None), the run (a model evaluated in several folders
-    is one run) and the detector's signals."""
+    """One row per model x shortcut test folder: architecture, artifact, rate, its reliance on the
+    artifact (AUROC aligned - swapped, from ``reliance.csv``), whether it has the shortcut
+    (:func:`_has_shortcut`), the run (a model evaluated in several folders is one run) and the
+    detector's signals."""
     records = []
     for folder in result_dirs:
         path = Path(folder) / "detector.json"
         if not path.is_file():
             raise CxrlensError(f"{folder} has no detector.json; run `cxrlens shortcut-test` (with the detector) there")
         detector = json.loads(path.read_text())
+        reliance_path = Path(folder) / "reliance.csv"
+        reliance = pd.read_csv(reliance_path).set_index("rate")["reliance_auroc"].to_dict() \
+            if reliance_path.is_file() else {}
         for name, verdict in detector["verdicts"].items():
             rate = float(verdict["rate"])
+            relies = float(reliance.get(rate, np.nan))
             records.append({
                 "folder": str(folder), "model": name, "run": str(Path(verdict["run"]).resolve()),
                 "architecture": name.rsplit("-p", 1)[0], "artifact": detector["artifact"]["kind"], "rate": rate,
-                "planted": True if rate >= PLANTED_RATE else False if rate == 0 else None,
+                "reliance_auroc": relies, "planted": _has_shortcut(rate, relies),
                 **{k: np.nan if v is None else v for k, v in verdict["signals"].items() if k != "by_class"},
             })
     from cxrlens.score.shortcut import UNCALIBRATED
@@ -829,15 +845,17 @@ def _cross_validated(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
 
 
 def calibrate(result_dirs: Sequence[str | Path], out: str | Path, source: str = "") -> dict:
-    """Choose the detector's location and padding thresholds from shortcut-test folders (models with
-    p >= 0.5 have the shortcut, p = 0 do not; other rates are left out) and measure its error rates,
-    in-sample and leave-one-run-out. Writes ``calibration.json`` (a file
+    """Choose the detector's location and padding thresholds from shortcut-test folders (models trained
+    with p >= 0.5 that rely on the artifact have the shortcut, p = 0 models do not; other rates and
+    planted models that did not learn the artifact are left out and counted) and measure its error
+    rates, in-sample and leave-one-run-out. Writes ``calibration.json`` (a file
     :meth:`~cxrlens.score.shortcut.DetectorThresholds.load` reads; copy it over
     ``score/shortcut_calibration.json`` to make it the default), ``calibration.csv`` and ``calibration.md``."""
     from cxrlens.score.shortcut import DetectorThresholds
 
-    frame = detector_evaluations(result_dirs)
-    frame = frame[frame["planted"].notna()].reset_index(drop=True)
+    everything = detector_evaluations(result_dirs)
+    frame = everything[everything["planted"].notna()].reset_index(drop=True)
+    not_learned = everything[(everything["rate"] >= PLANTED_RATE) & everything["planted"].isna()]
     if frame["planted"].nunique() < 2:
         raise CxrlensError("calibration needs models with (p >= 0.5) and without (p = 0) the shortcut")
     signals = _calibrate_signals(frame)
@@ -853,8 +871,10 @@ def calibrate(result_dirs: Sequence[str | Path], out: str | Path, source: str = 
     described = (f"{len(frame)} evaluations of {runs} runs ({', '.join(sorted(frame['architecture'].unique()))}; "
                  f"artifacts {', '.join(sorted(frame['artifact'].unique()))}; rates "
                  f"{', '.join(f'{r:g}' for r in sorted(frame['rate'].unique()))})")
+    left_out = {"planted_not_learned": [f"{r['model']} ({r['artifact']}, AUROC drop {r['reliance_auroc']:.2f})"
+                                        for _, r in not_learned.iterrows()]}
     thresholds = DetectorThresholds(signals, source or f"calibrated by cxrlens.shortcut_test.calibrate on {described}",
-                                    {"in_sample": errors, "leave_one_run_out": cross})
+                                    {"in_sample": errors, "leave_one_run_out": cross, **left_out})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "calibration.json", json.dumps(_jsonable(thresholds.to_json()), indent=2))
@@ -879,4 +899,7 @@ def _calibration_markdown(thresholds: Any) -> str:
             + markdown_table(["signal", "meaning", "flag", "counted", "evidence"], rows)
             + f"\nThe location/padding flag, in-sample: {rates(inside)}; leave-one-run-out: {rates(cross)}"
             + (f" ({cross['in_sample_only']} evaluations whose run could not be left out keep their in-sample flag)"
-               if cross.get("in_sample_only") else "") + ".\n")
+               if cross.get("in_sample_only") else "") + ".\n"
+            + (f"\nLeft out: planted models that did not learn the artifact (AUROC drop from aligned to swapped "
+               f"< {LEARNED_RELIANCE:g}): {', '.join(thresholds.error_rates['planted_not_learned'])}.\n"
+               if thresholds.error_rates.get("planted_not_learned") else ""))
