@@ -405,6 +405,17 @@ def _flags(signals: dict, thresholds: DetectorThresholds) -> tuple[list[str], li
     return counted, reported, kinds
 
 
+def _error_text(errors: dict) -> str:
+    """The calibration's error rates of the location/padding flag, as a clause."""
+    inside, cross = errors.get("in_sample"), errors.get("leave_one_run_out")
+    if not inside or not cross:
+        return ""
+    return (f"; measured there, the location/padding flag falsely flagged {inside['false_flags']} of "
+            f"{inside['clean']} evaluations of models without a planted shortcut and missed {inside['misses']} of "
+            f"{inside['planted']} with one ({cross['false_flags']} and {cross['misses']} with thresholds "
+            "chosen without the model judged)")
+
+
 def model_verdict(
     model: str,
     images: pd.DataFrame,
@@ -436,7 +447,8 @@ def model_verdict(
         statements.append("flagged but not counted (these signals did not separate planted from clean models): "
                           + "; ".join(reported))
     rules = {name: signal.rule(name) for name, signal in thresholds.signals.items()}
-    statements.append(f"thresholds: {'; '.join(rules.values())}; from: {thresholds.source}")
+    statements.append(f"thresholds: {'; '.join(rules.values())}; from: {thresholds.source}"
+                      + _error_text(thresholds.error_rates))
     risk = "high" if len(kinds) >= 2 else "moderate" if kinds else "low"
     summary = f"{model}: shortcut risk {risk}" + (f" ({'; '.join(flags)})" if flags else "")
     numbers = {k: v for k, v in signals.items() if k != "by_class"}
