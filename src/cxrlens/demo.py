@@ -151,6 +151,9 @@ def shortcut_test(out: Path, image_size: int) -> Path:
     ))
     for row in summary["tables"]["reliance"]:
         print(f"p = {row['rate']:g}: COVID-19 F1 aligned {row['aligned_f1']:.2f}, swapped {row['swapped_f1']:.2f}")
-    found = [r["method"] for r in summary["tables"]["focus"] if r["rate"] == 1.0 and r["above_chance"]]
-    print(f"methods that put more than chance attribution on the marker (p = 1): {', '.join(found) or 'none'}")
+    # more than chance on a bright marker is common even without reliance: the comparison with the clean model counts
+    found = [f"{r['method']} ({r['auroc_vs_clean']:.2f})" for r in summary["tables"]["focus"]
+             if r["rate"] == 1.0 and (r["auroc_vs_clean"] or 0) >= 0.9]
+    print(f"methods whose share on the marker tells the p = 1 model from the clean one (AUROC >= 0.9): "
+          f"{', '.join(found) or 'none'}")
     return out
