@@ -388,9 +388,10 @@ def test_mask_folder_errors(tmp_path):
 # --- shortcut detector ---------------------------------------------------------------------------
 
 
-def test_group_folds_keep_patients_together():
+def test_probe_folds_keep_patients_together():
     groups = np.repeat([f"p{i}" for i in range(20)], [1, 2, 3, 4] * 5)
-    folds = S.group_folds(groups, 5, seed=0)
+    sources = np.where(np.arange(len(groups)) % 3 == 0, 1, 0)
+    folds = S._probe_folds(sources, groups, 5, seed=0)
     for g in np.unique(groups):
         assert len(set(folds[groups == g])) == 1
     assert set(folds) == set(range(5))
@@ -424,18 +425,33 @@ def test_verdict_is_computed_from_numbers():
         "device_area": [np.nan, 0.01, np.nan, np.nan],
         "outside_body_share": [0.6, 0.5, 0.4, 0.1],
         "outside_body_area": [0.4] * 4,
+        "padding_share": [0.3, np.nan, np.nan, 0.1],
+        "padding_area": [0.1, 0.0, 0.0, 0.1],
         "faithfulness": [0.1, -0.1, 0.2, 0.3],
     })
     probe = {"accuracy": 0.9, "majority_accuracy": 0.6, "class_only_accuracy": 0.7, "sources": {"a": 1, "b": 2}}
-    verdict = S.model_verdict("m", rows, probe=probe, sanity={"saliency": {"passes": False, "spearman": 0.93}})
+    thresholds = S.DetectorThresholds(source="this test")
+    verdict = S.model_verdict("m", rows, probe=probe, sanity={"saliency": {"passes": False, "spearman": 0.93}},
+                              thresholds=thresholds)
     text = " ".join(verdict["statements"])
     assert "most of the COVID-19 evidence lies outside the lungs in 75 % of images (3 of 4" in text
+    assert "so the lung focus is 1.00x the lungs' area share" in text  # mean 0.35 over mean area 0.35
     assert "20.0 % of the evidence lies on them" in text
+    assert "on the 2 images with zero padding, 20.0 % of the evidence lies in it (it covers 10.0 %" in text
     assert "with 90 % accuracy (majority baseline 60 %, true class alone 70 %)" in text
     assert "saliency FAILS the randomisation check" in text
-    assert verdict["risk"] == "high" and len(verdict["flags"]) == 2
-    calm = S.model_verdict("m", rows.assign(lung_focus=0.9))
-    assert calm["risk"] == "low" and not calm["flags"]
+    assert "from: this test" in text and "probe_margin >= 0.1" in text
+    numbers = verdict["numbers"]
+    assert numbers["COVID-19:lung_focus_ratio"] == pytest.approx(1.0)
+    assert numbers["padding_ratio"] == pytest.approx(2.0)  # mean share 0.2 over mean area 0.1
+    assert numbers["probe_margin"] == pytest.approx(0.2)
+    # padding (2.0 >= 1.5) and probe (+0.2 >= 0.10) flag: two kinds
+    assert verdict["risk"] == "high" and len(verdict["flags"]) == 2 and verdict["attribution_flagged"]
+    calm = S.model_verdict("m", rows.assign(lung_focus=0.5, padding_share=0.1), thresholds=thresholds)
+    assert calm["risk"] == "low" and not calm["flags"] and not calm["attribution_flagged"]
+    ignored = S.DetectorThresholds({**S.UNCALIBRATED, "padding_ratio": S.Signal(1.5, "above", "padding", used=False)})
+    quiet = S.model_verdict("m", rows, thresholds=ignored)
+    assert quiet["risk"] == "low" and "flagged but not counted" in " ".join(quiet["statements"])
 
 
 # --- end to end ----------------------------------------------------------------------------------

@@ -346,6 +346,52 @@ def score(
     typer.echo(f"scorecard written to {out}")
 
 
+@app.command("shortcut-test")
+def shortcut_test(
+    out: Annotated[str, typer.Option(help="output folder (planted data, runs, tables, figures)")],
+    data: Annotated[str, typer.Option(help="data folder or manifest (default: bundled data/cxr3)")] = "",
+    cls: Annotated[str, typer.Option("--cls", help="the class whose images get the artifact")] = "COVID-19",
+    artifact: Annotated[str, typer.Option(help="marker, patch, texture or padding")] = "marker",
+    artifact_size: Annotated[float | None, typer.Option(help="share of the image's short side")] = None,
+    band: Annotated[str | None, typer.Option(help="where: top, bottom, left, right, top-left, top-right, any; "
+                                                   "padding: top-bottom, left-right, ...")] = None,
+    contrast: Annotated[float, typer.Option(help="1 = the image's bright clip level")] = 1.0,
+    text: Annotated[str, typer.Option(help="the marker's letters")] = "PORTABLE",
+    rates: Annotated[str, typer.Option(help="shares of the class's train/val images planted, e.g. 0,0.5,1")] = (
+        "0,0.5,1"
+    ),
+    other_rate: Annotated[float, typer.Option(help="share of the other images planted too")] = 0.0,
+    model: Annotated[str, typer.Option(help="architecture trained per rate")] = "resnet18",
+    epochs: int = 8,
+    image_size: int = 128,
+    batch_size: int = 16,
+    max_images: Annotated[int | None, typer.Option(help="use at most this many training images")] = None,
+    placement: Annotated[str, typer.Option(help="centre, or random: the image sits anywhere in the square while "
+                                                "training (against the padding shortcut)")] = "centre",
+    runs: Annotated[list[str] | None, typer.Option("--runs", help="existing run per rate, in order (repeat)")] = None,
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated attribution methods")] = "all",
+    focus_images: Annotated[int, typer.Option(help="aligned test images explained")] = 24,
+    detector: Annotated[bool, typer.Option(help="run the scorecard's shortcut detector on each model")] = True,
+    thresholds: Annotated[str, typer.Option(help="detector calibration file (default: shipped)")] = "",
+    seed: int = 0,
+) -> None:
+    """Plant a known shortcut, train a model per rate, and test reliance, every explanation method, NAPs
+    and the shortcut detector against it."""
+    from cxrlens.shortcut_test import ShortcutTestConfig, parse_rates, run_shortcut_test
+    from cxrlens.shortcuts import ArtifactConfig
+
+    config = ShortcutTestConfig(
+        out=out, data=data, cls=cls, rates=parse_rates(rates), other_rate=other_rate, model=model, epochs=epochs,
+        artifact=ArtifactConfig(kind=artifact, size=artifact_size, band=band, contrast=contrast, text=text),
+        image_size=image_size, batch_size=batch_size, max_images=max_images, placement=placement,
+        runs=tuple(runs or ()),
+        methods=() if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
+        focus_images=focus_images, detector=detector, thresholds=thresholds, seed=seed,
+    )
+    run_shortcut_test(config)
+    typer.echo(f"shortcut test written to {out} (summary.md, shortcut_test.png, gallery.png)")
+
+
 @app.command()
 def report(
     runs: Annotated[list[str], typer.Option("--runs", help="run folders (repeat the option)")],
@@ -355,6 +401,7 @@ def report(
     explain: Annotated[str | None, typer.Option(help="folder written by `cxrlens explain`")] = None,
     nap: Annotated[str | None, typer.Option(help="folder written by `cxrlens nap`")] = None,
     score: Annotated[str | None, typer.Option(help="folder written by `cxrlens score`")] = None,
+    shortcut: Annotated[str | None, typer.Option(help="folder written by `cxrlens shortcut-test`")] = None,
     ratings: Annotated[str | None, typer.Option(help="reader-study SQLite database of `cxrlens serve`")] = None,
     split: str = "test",
     title: str = "cxrlens report",
@@ -364,7 +411,7 @@ def report(
 
     path = build_report(
         runs, out, data=data, ensemble_dir=ensemble, explain_dir=explain, nap_dir=nap, score_dir=score,
-        ratings_db=ratings, split=split, title=title,
+        ratings_db=ratings, split=split, title=title, shortcut_dir=shortcut,
     )
     typer.echo(f"report written to {path}")
 

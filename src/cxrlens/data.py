@@ -369,18 +369,49 @@ def patient_split(
 # --- torch dataset -------------------------------------------------------------------------------
 
 
+PLACEMENTS = ("centre", "random")
+
+
+class RandomPlacement:
+    """Training-time placement: the image content (everything inside the blank border, i.e. the zero
+    padding and any black bars) moves to a random position in the square, so *where* the padding lies
+    tells nothing about the image; an answer to the padding shortcut (image shape differs by source).
+    The amount of padding is unchanged, and inference keeps the centred placement."""
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:  # [C, H, W]
+        """``rng``: where the draws come from (training passes one seeded per epoch and image, so a resumed
+        run places every image as the uninterrupted one did); None: numpy's global generator."""
+        rng = rng or np.random.default_rng(np.random.randint(2**31))
+        filled = image.abs().amax(0) > 0
+        rows, cols = torch.nonzero(filled.any(1)).flatten(), torch.nonzero(filled.any(0)).flatten()
+        if len(rows) == 0:
+            return image
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        height, width = image.shape[-2:]
+        new_top = int(rng.integers(0, height - (bottom - top) + 1))
+        new_left = int(rng.integers(0, width - (right - left) + 1))
+        out = torch.zeros_like(image)
+        out[:, new_top : new_top + bottom - top, new_left : new_left + right - left] = image[:, top:bottom, left:right]
+        return out
+
+
 class XrayDataset(Dataset):
     """Images of a manifest as [3, size, size] tensors with their multi-hot targets (NaN where unknown).
 
     Preprocessed images are cached in memory as float16 (a 224 px image takes 100 kB), so later
-    epochs skip decoding; augmentation, if any, runs on the cached tensor. With ``disk_cache`` (a built
-    :class:`cxrlens.datasets.cache.ImageCache` of these settings) images come from its memory map
+    epochs skip decoding; placement and augmentation, if any, run on the cached tensor. With ``disk_cache`` (a
+    built :class:`cxrlens.datasets.cache.ImageCache` of these settings) images come from its memory map
     instead, at uint8 precision, and nothing is held in memory: the way to feed a GPU from a large set.
+    ``placement``: "centre" (the study's) or "random" (:class:`RandomPlacement`, for training).
     """
 
-    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True, disk_cache=None):
+    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True, disk_cache=None,
+                 placement: str = "centre"):
+        if placement not in PLACEMENTS:
+            raise CxrlensError(f"unknown placement '{placement}'; choose one of: {', '.join(PLACEMENTS)}")
         self.manifest = manifest
         self.preprocess = Preprocess(size)
+        self.placement = RandomPlacement() if placement == "random" else None
         self.augment = augment
         self.disk_cache = disk_cache
         self.cache: dict[int, torch.Tensor] | None = {} if cache and disk_cache is None else None
@@ -403,6 +434,8 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(index)
+        if self.placement is not None:
+            image = self.placement(image)
         if self.augment is not None:
             image = self.augment(image)
         return image.expand(3, -1, -1), self.targets[index]

@@ -22,6 +22,7 @@ class DemoConfig:
     batch_size: int = 16
     models: str = "all"
     threshold: str = "tuned"  # per-class thresholds chosen on the validation split
+    shortcut: bool = True  # a small planted-shortcut test (ResNet18, marker on COVID-19, p = 0 and 1)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -64,6 +65,7 @@ def run_demo(config: DemoConfig) -> dict:
     nap_dead_shares(run_dirs, out / "nap")
     explain_examples(run_dirs, out / "explain", config.image_size)
     scorecard(run_dirs, out / "scorecard")
+    shortcut_dir = shortcut_test(out / "shortcut", config.image_size) if config.shortcut else None
     from cxrlens.report import build_report
 
     report = build_report(
@@ -73,13 +75,15 @@ def run_demo(config: DemoConfig) -> dict:
         explain_dir=out / "explain",
         nap_dir=out / "nap",
         score_dir=out / "scorecard",
+        shortcut_dir=shortcut_dir,
         title="cxrlens demo: five CNNs on cxr3",
     )
     print(f"outputs under {out}/: one run folder per model (weights, config.json, history.csv, eval-test/ with")
     print("metrics.json, metrics.md, confusion.png, roc.png), ensemble/soft and ensemble/majority, f1_table.md,")
     print("nap/ (Neuron Activation Profiles of the test split: nap_*.npz, nap_stats.json, figures),")
     print("explain/ (maps .npy, overlays, models x methods grids, summary.json), scorecard/ (lung focus,")
-    print(f"faithfulness, sanity, verdicts) and the whole story in one page: {report}")
+    print("faithfulness, sanity, verdicts), shortcut/ (a planted marker: reliance, which methods find it,")
+    print(f"the detector's verdicts) and the whole story in one page: {report}")
     print(f"demo took {time.perf_counter() - started:.0f} s")
     return results
 
@@ -126,3 +130,25 @@ def scorecard(run_dirs: list[Path], out: Path) -> None:
     card = run_scorecard(run_dirs, out, config)
     for verdict in card.verdicts.values():
         print(verdict["summary"])
+
+
+def shortcut_test(out: Path, image_size: int) -> Path:
+    """A small planted-shortcut test: a 'PORTABLE' marker on every (p = 1) or no (p = 0) COVID-19 training
+    image, one ResNet18 each (300 training images, 8 epochs), all nine methods on 12 aligned test images,
+    the detector on 24 planted lung-mask images. A few minutes on 2 CPU cores."""
+    from cxrlens.shortcut_test import ShortcutTestConfig, run_shortcut_test
+    from cxrlens.shortcuts import ArtifactConfig
+
+    print("\n== planted shortcut: a 'PORTABLE' marker on COVID-19 images", flush=True)
+    summary = run_shortcut_test(ShortcutTestConfig(
+        out=str(out), artifact=ArtifactConfig("marker"), rates=(0.0, 1.0), model="resnet18", epochs=8,
+        image_size=image_size, batch_size=8, max_images=300, focus_images=12, detector_images=24, bootstrap=500,
+    ))
+    for row in summary["tables"]["reliance"]:
+        print(f"p = {row['rate']:g}: COVID-19 F1 aligned {row['aligned_f1']:.2f}, swapped {row['swapped_f1']:.2f}")
+    # more than chance on a bright marker is common even without reliance: the comparison with the clean model counts
+    found = [f"{r['method']} ({r['auroc_vs_clean']:.2f})" for r in summary["tables"]["focus"]
+             if r["rate"] == 1.0 and (r["auroc_vs_clean"] or 0) >= 0.9]
+    print(f"methods whose share on the marker tells the p = 1 model from the clean one (AUROC >= 0.9): "
+          f"{', '.join(found) or 'none'}")
+    return out

@@ -375,6 +375,54 @@ def _score_section(score_dir: Path) -> str:
     return "".join(parts)
 
 
+def _with_ci(record: dict, column: str) -> str:
+    value, low, high = record.get(column), record.get(f"{column}_low"), record.get(f"{column}_high")
+    if value is None:
+        return "n/a"
+    return f"{_fmt(value, 2)} [{_fmt(low, 2)}, {_fmt(high, 2)}]" if low is not None and high is not None \
+        else _fmt(value, 2)
+
+
+def _shortcut_section(shortcut_dir: Path) -> str:
+    """The planted-shortcut test (``cxrlens shortcut-test``): reliance, artifact focus per method, the
+    detector's verdicts and the figures."""
+    summary_path = shortcut_dir / "summary.json"
+    if not summary_path.is_file():
+        return _missing(f"{shortcut_dir} has no summary.json; run `cxrlens shortcut-test` to make it.")
+    summary = _read_json(summary_path)
+    tables, config = summary.get("tables", {}), summary.get("config", {})
+    parts = [f"<p>A {_esc(summary.get('artifact', 'planted artifact'))} was planted on a share p of the "
+             f"{_esc(summary.get('class', '?'))} training and validation images; one {_esc(config.get('model', '?'))} "
+             f"was trained per rate at {_esc(config.get('image_size', '?'))} px. The aligned test set carries the "
+             "artifact on the class only, the swapped one on the other classes only: the drop from aligned to "
+             "swapped is how much a model relies on it.</p>"]
+    parts.append(_table(
+        ["model", "p", "F1 clean", "F1 aligned", "F1 swapped", "AUROC aligned - swapped"],
+        [[r["model"], r["rate"], _with_ci(r, "clean_f1"), _with_ci(r, "aligned_f1"), _with_ci(r, "swapped_f1"),
+          _with_ci(r, "reliance_auroc")] for r in tables.get("reliance", [])],
+        table_id="shortcut-reliance", caption="Reliance on the planted artifact, 95 % bootstrap intervals."))
+    parts.append(_table(
+        ["model", "p", "method", "share on artifact / area share", "points at artifact", "AUROC vs clean model",
+         "above chance"],
+        [[r["model"], r["rate"], r["method"], _with_ci(r, "ratio"), _with_ci(r, "hit"), _with_ci(r, "auroc_vs_clean"),
+          "yes" if r.get("above_chance") else "no"] for r in tables.get("focus", [])],
+        table_id="shortcut-focus", caption="Which explanation finds the artifact, on the aligned test images that "
+        "carry it: positive attribution inside the artifact's mask divided by the mask's area share (1 = chance), "
+        "how often the map's maximum lies on it, and how well that share tells the model from the clean one."))
+    if tables.get("detector"):
+        parts.append(_table(
+            ["model", "p", "has the shortcut", "risk", "location/padding flag", "verdict right"],
+            [[r["model"], r["rate"], r.get("planted"), r["risk"], r["attribution_flagged"], r.get("correct")]
+             for r in tables["detector"]], table_id="shortcut-detector",
+            caption=f"The shortcut detector, unchanged, on each model; thresholds from: "
+                    f"{summary.get('thresholds_source') or 'n/a'}."))
+    for name, text in (("shortcut_test.png", "Reliance and artifact focus per method against the planting rate."),
+                       ("gallery.png", "Maps of the most planted and the clean model, artifact outlined in cyan.")):
+        if (shortcut_dir / name).is_file():
+            parts.append(_figure_file(shortcut_dir / name, text))
+    return "".join(parts)
+
+
 def _compact_scorecard(table: pd.DataFrame) -> tuple[list[str], list[list[Any]]]:
     """scorecard.csv has metric, metric_low, metric_high, metric_n columns: show 'mean [low, high]'."""
     metrics = [c for c in table.columns if f"{c}_low" in table.columns and f"{c}_high" in table.columns]
@@ -430,9 +478,11 @@ def build_report(
     ratings_db: str | Path | None = None,
     split: str = "test",
     title: str = "cxrlens report",
+    shortcut_dir: str | Path | None = None,
 ) -> Path:
     """Write one self-contained HTML report of ``run_dirs`` (and, when given, the ensemble, explain,
-    NAP and scorecard output folders and the reader-study database) to ``out_html``; returns its path.
+    NAP, scorecard and shortcut-test output folders and the reader-study database) to ``out_html``;
+    returns its path.
 
     Metrics come from ``RUN/eval-<split>/metrics.json`` (``cxrlens evaluate``) and
     ``ENSEMBLE/{soft,majority}/metrics.json`` (``cxrlens ensemble``); nothing is recomputed.
@@ -524,6 +574,7 @@ def build_report(
     optional = (("explain", "Explanations: models x methods", explain_dir, _explain_section),
                 ("nap", "Neuron Activation Profiles", nap_dir, _nap_section),
                 ("scorecard", "Scorecard and shortcut verdicts", score_dir, _score_section),
+                ("shortcut-test", "Planted shortcut: who finds it", shortcut_dir, _shortcut_section),
                 ("readers", "Reader study", ratings_db, _ratings_section))
     for key, heading, folder, make in optional:
         if folder is not None:

@@ -75,6 +75,7 @@ class TrainConfig:
     leaks: list[str] = field(default_factory=list)  # leaks the audit found and --allow-leaks let through
     skipped: list[str] = field(default_factory=list)  # manifest rows left out by --skip-missing
     data_fingerprint: str = ""  # of the images, labels and splits trained on (a resume checks it)
+    placement: Literal["centre", "random"] = "centre"  # "random": the image sits anywhere in the square in training
 
     @property
     def tax(self) -> Taxonomy:

@@ -199,8 +199,11 @@ class TrainingImages(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
         image = self.images.image(index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if self.images.placement is not None:
+            image = self.images.placement(image, rng)
         if self.augment is not None:
-            image = self.augment(image, np.random.default_rng([self.seed, epoch, index]))
+            image = self.augment(image, rng)
         return image.expand(3, -1, -1), self.images.targets[index]
 
 
@@ -384,7 +387,8 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None,
     augment = XrayAugment() if config.augment else None
     cache = image_cache(config, [train_set, val_set], progress)
     train = DataLoader(
-        TrainingImages(XrayDataset(train_set, config.image_size, disk_cache=cache), augment, config.seed),
+        TrainingImages(XrayDataset(train_set, config.image_size, disk_cache=cache, placement=config.placement),
+                       augment, config.seed),
         batch_size=config.batch_size,
         sampler=EpochOrder(len(train_set), config.seed),
         num_workers=config.num_workers,

@@ -21,7 +21,7 @@ Derived masks (always present when ``lungs`` is):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,20 @@ def dilate(mask: torch.Tensor, radius: float) -> torch.Tensor:
     return (out > 0.5).reshape(shape)
 
 
+def empty_border(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """bool [N, H, W]: the rows and columns at the edges of each input [N, C, H, W] that are blank
+    (every value <= ``eps``), counted inwards until the first row or column with content. This is
+    preprocessing's zero padding plus any black bars burned into the file, which look the same to a
+    model (the ``padding`` mask knows only the former)."""
+    blank = images.abs().amax(1) <= eps
+
+    def from_edges(lines: torch.Tensor) -> torch.Tensor:  # [N, L] blank lines -> those connected to an edge
+        return lines.int().cumprod(1).bool() | lines.flip(1).int().cumprod(1).flip(1).bool()
+
+    rows, cols = from_edges(blank.all(2)), from_edges(blank.all(1))
+    return rows[:, :, None] | cols[:, None, :]
+
+
 @dataclass
 class MaskSet:
     """Images and masks of a mask folder at one input size.
@@ -96,6 +110,14 @@ class MaskSet:
 
     def __len__(self) -> int:
         return len(self.frame)
+
+    def select(self, index: np.ndarray | list[int]) -> MaskSet:
+        """The rows ``index`` (integer positions) as a new mask set."""
+        idx = np.asarray(index, dtype=np.int64)
+        rows = torch.from_numpy(idx)
+        return replace(self, frame=self.frame.iloc[idx].reset_index(drop=True), images=self.images[rows],
+                       masks={k: v[rows] for k, v in self.masks.items()},
+                       present={k: v[rows] for k, v in self.present.items()})
 
 
 def _mask_columns(frame: pd.DataFrame, csv: Path, wanted: list[str] | None) -> list[str]:

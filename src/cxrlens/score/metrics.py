@@ -583,6 +583,41 @@ def _outside_body_share(x: MetricInputs) -> torch.Tensor:
     return mass_share(x.maps, x.masks["outside_body"])
 
 
+@register_metric("padding_share", higher_is_better=False, needs_model=False, map_sign="positive")
+def _padding_share(x: MetricInputs) -> torch.Tensor:
+    """Share of the positive attribution inside the zero padding and any black bars of the file."""
+    return mass_share(x.maps, x.masks["padding"])
+
+
+@register_metric("outside_body_peak", higher_is_better=False, needs_model=False, map_sign="value")
+def _outside_body_peak(x: MetricInputs) -> torch.Tensor:
+    """1 when the map's maximum lies outside the thorax (undefined for a map without positive values)."""
+    peak = pointing_game(x.maps, x.masks["outside_body"])
+    return peak.masked_fill(x.maps.flatten(-2).amax(-1) <= 0, float("nan"))
+
+
+@register_metric("outside_body_reliance", higher_is_better=False, needs_model=True, map_sign="value")
+def _outside_body_reliance(x: MetricInputs) -> np.ndarray:
+    """Drop of the class probability when everything outside the thorax is blurred (no attribution used)."""
+    return x.once("outside_body_reliance", lambda: outside_body_reliance(
+        x.model, x.images, x.masks["outside_body"], x.targets, x.config.max_batch), per_model=True)
+
+
+def outside_body_reliance(model: nn.Module, images: torch.Tensor, outside: torch.Tensor, targets: list[int],
+                          max_batch: int = 16) -> np.ndarray:
+    """[B, T]: how much each target's probability drops when everything outside the thorax is blurred
+    (Gaussian, sigma = side / 20). A model that reads markers, tags or borders there loses evidence; one
+    that reads the lungs does not. Independent of any attribution method."""
+    blurred = make_baseline(images, "blur", images.shape[-1] / 20)
+    edited = torch.where(outside.to(images.device)[:, None], blurred, images)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(torch.cat([model(part).float() for part in x.split(max_batch)]))[:, targets]
+
+    return (probabilities(images) - probabilities(edited)).cpu().numpy().astype(np.float64)
+
+
 def deletion_insertion(x: MetricInputs) -> dict[str, torch.Tensor]:
     """:func:`faithfulness` of the inputs' maps, run once per method; the random-order reference once per model."""
 

@@ -19,9 +19,11 @@ check, and runs the shortcut detector on a classification split (default: the ru
 The columns are the registered metrics, :data:`cxrlens.score.metrics.SCORECARD_METRICS`, in
 registration order (a metric registered with ``register_metric`` from anywhere is a new column):
 ``lung_focus`` (positive attribution share inside the lungs), ``relevance_mass_accuracy`` /
-``relevance_rank_accuracy`` / ``pointing_game`` (against the opacity mask), ``device_share`` and
-``outside_body_share``, ``deletion_auc``, ``insertion_auc``, the gaps to a random order and their sum
-``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the trained vs the fully randomised
+``relevance_rank_accuracy`` / ``pointing_game`` (against the opacity mask), ``device_share``,
+``outside_body_share`` and ``padding_share`` (zero padding and black bars), ``outside_body_peak`` (the
+map's maximum outside the thorax), ``outside_body_reliance`` (the probability's drop when the outside of
+the thorax is blurred: no attribution involved), ``deletion_auc``, ``insertion_auc``, the gaps to a random
+order and their sum ``faithfulness``, ``sanity_spearman`` / ``sanity_ssim`` (maps of the trained vs the fully randomised
 model; low is good) and ``max_sensitivity``.
 """
 
@@ -46,7 +48,7 @@ from cxrlens.runs import LoadedRun, atomic_write_text, load_run
 from cxrlens.score import metrics as M
 from cxrlens.score import shortcut as S
 from cxrlens.score.config import DEFAULT_MASKS, DEFAULT_METHODS, ScoreConfig
-from cxrlens.score.masks import MaskSet, load_mask_set
+from cxrlens.score.masks import MaskSet, empty_border, load_mask_set
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,8 +56,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MASKS", "DEFAULT_METHODS", "REFERENCE_COLUMNS", "ScoreConfig", "Scorecard", "rank_models",
            "run_scorecard", "score_model", "summarise"]
 
-SCORING_MASKS = ("lungs", "opacity", "devices", "outside_body")  # always in MetricInputs.masks
-AREAS = {"lung_area": "lungs", "opacity_area": "opacity", "device_area": "devices", "outside_body_area": "outside_body"}
+SCORING_MASKS = ("lungs", "opacity", "devices", "outside_body", "padding")  # always in MetricInputs.masks
+AREAS = {"lung_area": "lungs", "opacity_area": "opacity", "device_area": "devices", "outside_body_area": "outside_body",
+         "padding_area": "padding"}
 REFERENCE_COLUMNS = tuple(AREAS)  # each image's mask areas, beside the metrics (what a random map would score)
 
 
@@ -194,6 +197,8 @@ def _scoring_masks(mask_set: MaskSet) -> tuple[dict[str, torch.Tensor], dict[str
     False where absent) and each image's mask areas (NaN where the radiologists drew no opacity /
     devices column)."""
     masks = dict(mask_set.masks)
+    # zero padding plus black bars burned into the file: to a model they look the same
+    masks["padding"] = masks["padding"] | empty_border(mask_set.images)
     for name in SCORING_MASKS:
         masks.setdefault(name, torch.zeros_like(masks["lungs"]))
     areas = {column: M.mask_share(masks[name]).numpy() for column, name in AREAS.items()}
