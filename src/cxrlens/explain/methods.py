@@ -59,7 +59,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrlens.errors import CxrlensError
-from cxrlens.explain.occlusion import occluded_scores, plan_occlusion, window_starts
+from cxrlens.explain.occlusion import (
+    APPROXIMATE_THRESHOLD,
+    BF16_TOLERANCE,
+    TOLERANCE,
+    Runner,
+    occluded_scores,
+    plan_occlusion,
+    window_starts,
+)
 from cxrlens.explain.rewrite import is_explainable, make_explainable
 from cxrlens.explain.rules import EPS, DeepLiftHooks, GuidedState, guided_relus
 from cxrlens.models import MODELS
@@ -137,6 +145,10 @@ class MethodContext:
         """Logits of the targets, float32 [N, T]."""
         with self.autocast(x.device):
             out = self.model(x)
+        return self.target_logits(out)
+
+    def target_logits(self, out: Any) -> torch.Tensor:
+        """The targets' columns [N, T] of the model's output, checked (at least float32)."""
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise CxrlensError(
                 f"the model must return logits of shape [batch, classes], got {type(out).__name__}"
@@ -435,12 +447,24 @@ def _check_window(p: dict[str, Any], image_size: tuple[int, int]) -> None:
         raise CxrlensError(
             f"occlusion window {wh}x{ww} is larger than the {h}x{w} image; use a window of at most {h}x{w}"
         )
+    _approximate_threshold(p["approximate"])
+
+
+def _approximate_threshold(value: Any) -> float | None:
+    """None (exact), or the box side share of approximate mode (True: the default share)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return APPROXIMATE_THRESHOLD
+    if isinstance(value, (int, float)) and 0 < value <= 1:
+        return float(value)
+    raise CxrlensError(f"occlusion approximate must be true, false or a share in (0, 1], got {value!r}")
 
 
 @register_method(
     "occlusion",
     description="output drop when a window is replaced by the baseline, averaged over windows",
-    defaults={"window": 50, "stride": 4, "baseline": 0.0, "incremental": True},
+    defaults={"window": 50, "stride": 4, "baseline": 0.0, "incremental": True, "approximate": False},
     cost="perturbation",
     check=_check_window,
     # The study's window (50 px at 512, stride 4: ~13,000 passes) is for batch jobs; interactively a window
@@ -455,14 +479,13 @@ def _occlusion(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> Method
     ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
     windows = [(y0, x0) for y0 in ys for x0 in xs]
     n_targets = len(ctx.targets)
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        return ctx.scores(ctx.prepare(batch))
-
-    attrs = []
+    runner = Runner(ctx.model, lambda out: ctx.apply_output(ctx.target_logits(out)), ctx.prepare,
+                    lambda: ctx.autocast(x.device), BF16_TOLERANCE if ctx.bf16 else TOLERANCE)
+    attrs, errors = [], []
     with torch.inference_mode():
-        plan, scores, features = plan_occlusion(ctx.model, x, baseline, windows, (wh, ww), run, ctx.max_batch,
-                                                incremental=p["incremental"])
+        approximate = _approximate_threshold(p["approximate"])
+        plan, scores = plan_occlusion(runner, x, baseline, windows, (wh, ww), ctx.max_batch,
+                                      incremental=p["incremental"], approximate=approximate)
         # How many windows cover each pixel, and the sum of the output drops of those windows, by a
         # transposed convolution of the grid of drops with a window of ones.
         ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=scores.dtype)
@@ -470,13 +493,15 @@ def _occlusion(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> Method
         counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
         for i in range(b):
             base = baseline[i if baseline.shape[0] > 1 else 0]
-            cached = None if features is None else features[i: i + 1]
-            occluded = occluded_scores(plan, x[i], base, cached, windows, (wh, ww), run, ctx.max_batch)
-            grid_drops = (scores[i] - occluded).T.reshape(1, n_targets, len(ys), len(xs))
+            sweep = occluded_scores(plan, runner, x[i], base, scores[i], windows, (wh, ww), ctx.max_batch)
+            grid_drops = (scores[i] - sweep.scores).T.reshape(1, n_targets, len(ys), len(xs))
             summed = F.conv_transpose2d(grid_drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
             attrs.append((summed / counts.clamp(min=1))[0])
+            errors.append(sweep.error)
     attr = torch.stack(attrs).unsqueeze(2).expand(b, n_targets, c, h, w)
     meta = {"n_windows": len(windows), "incremental_layer": plan.layer, "occlusion_plan": plan.reason}
+    if plan.approximate is not None:  # one entry per image: error per target on windows checked against exact
+        meta["approximation_error"] = errors
     return MethodResult(attr, scores=scores, meta=meta)
 
 
