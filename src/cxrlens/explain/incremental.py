@@ -572,6 +572,13 @@ class Sweep:
                  window_size: tuple[int, int], context: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.plan, self.stored, self.image, self.base = plan, stored, image, base
         self.window_size, self.context = window_size, context
+        last_reader: dict[fx.Node, fx.Node] = {}
+        for step in plan.steps:
+            for source in step.node.all_input_nodes:
+                last_reader[source] = step.node
+        self.frees: dict[fx.Node, list[fx.Node]] = {}
+        for source, reader in last_reader.items():
+            self.frees.setdefault(reader, []).append(source)
 
     def _boxes(self, windows: list[tuple[int, int]]) -> dict[fx.Node, Boxes]:
         """Every BOX node's boxes for these windows, at the plan's sizes."""
@@ -607,42 +614,43 @@ class Sweep:
         """The model's output for the image with each window occluded (one batch)."""
         boxes = self._boxes(windows)
         values: dict[fx.Node, Any] = {}
+        full: dict[fx.Node, torch.Tensor] = {}  # BOX nodes rebuilt as full maps, once for all readers
         gm, n = self.plan.gm, len(windows)
 
         def dense(node: fx.Node) -> Any:
             value = values[node]
-            if isinstance(value, _Boxed):
-                return gather(self.stored[node], value, _full_box(n, self.stored[node].shape[-2:]))
-            return value
+            if not isinstance(value, _Boxed):
+                return value
+            if node not in full:
+                full[node] = gather(self.stored[node], value, _full_box(n, self.stored[node].shape[-2:]))
+            return full[node]
+
+        def local(source: fx.Node, box: Boxes) -> Any:
+            value = values[source]
+            if not isinstance(value, _Boxed):
+                return value
+            return value.patch if value.box.same(box) else gather(self.stored[source], value, box)
 
         with self.context():
             for step in self.plan.steps:
                 node = step.node
                 if step.mode == CONST:
                     values[node] = self.stored[node]
-                    continue
-                if step.mode == DENSE:
+                elif step.mode == DENSE:
                     args, kwargs = fx.node.map_arg((node.args, node.kwargs), dense)
                     if step.kind == "output":
                         return args[0]
                     values[node] = call_node(node, gm, args, kwargs)
-                    continue
-                box = boxes[node]
-                if step.kind == "input":
-                    values[node] = _Boxed(self._input_patch(windows, box), box)
-                    continue
-                if step.kind == "window":
-                    values[node] = _Boxed(self._window(step, values, box), box)
-                    continue
-
-                def local(source: fx.Node, box: Boxes = box) -> Any:
-                    value = values[source]
-                    if not isinstance(value, _Boxed):
-                        return value
-                    return value.patch if value.box.same(box) else gather(self.stored[source], value, box)
-
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), local)
-                values[node] = _Boxed(call_node(node, gm, args, kwargs), box)
+                elif step.kind == "input":
+                    values[node] = _Boxed(self._input_patch(windows, boxes[node]), boxes[node])
+                elif step.kind == "window":
+                    values[node] = _Boxed(self._window(step, values, boxes[node]), boxes[node])
+                else:
+                    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda s, b=boxes[node]: local(s, b))
+                    values[node] = _Boxed(call_node(node, gm, args, kwargs), boxes[node])
+                for source in self.frees.get(node, ()):  # what no later node reads: memory is reused
+                    values.pop(source, None)
+                    full.pop(source, None)
         raise RuntimeError("the traced graph has no output")
 
     def _window(self, step: Step, values: dict[fx.Node, Any], box: Boxes) -> torch.Tensor:
