@@ -22,7 +22,15 @@ from torch import nn
 from cxrlens.data import load_image_tensor
 from cxrlens.explain import attribute
 from cxrlens.explain import incremental as inc
-from cxrlens.explain.occlusion import ERROR_SAMPLES, Runner, full_scores, sample_indices, sweep_scores, window_starts
+from cxrlens.explain.occlusion import (
+    ERROR_SAMPLES,
+    Runner,
+    coarse,
+    full_scores,
+    sample_indices,
+    sweep_scores,
+    window_starts,
+)
 from cxrlens.models import create_model
 from cxrlens.testing import trained_like
 
@@ -168,23 +176,30 @@ def test_attribute_reports_the_plan_and_equals_the_full_sweep() -> None:
     assert (fast.maps - full.maps).abs().max() <= rounding_bound(model, torch.ones(1))
 
 
-def test_approximate_mode_reports_its_measured_error() -> None:
+@pytest.mark.parametrize(("approximate", "plan"), [
+    (True, "approximate: one window position in 2 per axis swept (49 of 144 windows), the others interpolated; "),
+    (0.3, "approximate: boxes at most 30% of each side; incremental up to layer "),
+])
+def test_approximate_mode_reports_its_measured_error(approximate: bool | float, plan: str) -> None:
     model, x = local_ops(96)
     x = x[:1]
     # window = stride: each pixel lies in exactly one window, so the maps give each window's output drop.
     tiled = {"window": 8, "stride": 8}
-    approximate = attribute(model, x, TARGETS, method="occlusion", approximate=0.3, **tiled)
+    result = attribute(model, x, TARGETS, method="occlusion", approximate=approximate, **tiled)
     exact = attribute(model, x, TARGETS, method="occlusion", incremental=False, **tiled)
-    assert approximate.meta["occlusion_plan"].startswith("approximate: boxes at most 30% of each side")
-    (report,) = approximate.meta["approximation_error"]  # one image
+    assert result.meta["occlusion_plan"].startswith(plan)
+    (report,) = result.meta["approximation_error"]  # one image
+    # The windows it checked: spread over those it did not sweep (grid) or over all (projective).
     starts = window_starts(96, 8, 8)
-    picked = sample_indices(len(starts) ** 2, ERROR_SAMPLES)
-    rows = [starts[i // len(starts)] for i in picked]
-    cols = [starts[i % len(starts)] for i in picked]
-    # The reported error is the largest difference from exact outputs on the windows it checked; maps are
-    # 3 channels x the drop (occlusion covers all channels).
-    differences = (approximate.maps - exact.maps)[0, :, rows, cols].abs() / 3
-    assert report["windows_checked"] == len(picked)
+    windows = [(y0, x0) for y0 in starts for x0 in starts]
+    swept = set(coarse(starts, 2)) if approximate is True else set()
+    candidates = [w for w in windows if not (w[0] in swept and w[1] in swept)]
+    checked = [candidates[i] for i in sample_indices(len(candidates), ERROR_SAMPLES)]
+    rows, cols = [w[0] for w in checked], [w[1] for w in checked]
+    # The reported error is the largest difference from exact outputs there; maps are 3 channels x the
+    # drop (occlusion covers all channels).
+    differences = (result.maps - exact.maps)[0, :, rows, cols].abs() / 3
+    assert report["windows_checked"] == len(checked) == ERROR_SAMPLES
     torch.testing.assert_close(torch.tensor(report["max_abs_error"], dtype=torch.float64), differences.max(1).values,
                                rtol=0, atol=rounding_bound(model, torch.ones(1)))
-    assert max(report["max_abs_error"]) > 1e-6  # capping the boxes at 30 % does change the outputs
+    assert max(report["max_abs_error"]) > 1e-6  # approximating does change the outputs

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
+import pytest
 import torch
+from conftest import XRAY, make_run
 from torch import nn
 
+from cxrlens.cli import main
 from cxrlens.explain import attribute
 
 TARGETS = [0, 2]
@@ -52,3 +58,25 @@ def test_an_untraceable_first_layer_means_the_plain_sweep() -> None:
     assert plan.startswith("brute force, because layer 0, the first on the image, cannot be traced (TraceError: ")
     reference = attribute(net, x, TARGETS, method="occlusion", window=8, stride=4, incremental=False)
     assert torch.equal(result.maps, reference.maps)  # the same full passes
+
+
+def test_cli_explain_approximate(tmp_path, monkeypatch, capsys) -> None:
+    run = make_run(tmp_path / "run", seed=0)
+
+    def explain(*extra: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["cxrlens", "explain", "--run", str(run), "--image", str(XRAY),
+                                          "--targets", "COVID-19", "--out", str(tmp_path / "out"), *extra])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        return exited.value.code or 0, capsys.readouterr().err
+
+    code, err = explain("--methods", "saliency", "--approximate")
+    assert code == 2 and err.strip() == ("error: --approximate applies to occlusion; add occlusion to --methods or "
+                                         "drop --approximate")
+    assert not (tmp_path / "out").exists()
+    code, err = explain("--methods", "occlusion", "--approximate")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())["models"]["run"]["methods"]["occlusion"]
+    assert record["params"]["approximate"] is True and record["occlusion_plan"].startswith("approximate: ")
+    (error,) = record["approximation_error"]  # one image, its error per explained class
+    assert error["windows_checked"] > 0 and len(error["max_abs_error"]) == 1

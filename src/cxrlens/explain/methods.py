@@ -59,15 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrlens.errors import CxrlensError
-from cxrlens.explain.occlusion import (
-    APPROXIMATE_THRESHOLD,
-    BF16_TOLERANCE,
-    TOLERANCE,
-    Runner,
-    occluded_scores,
-    plan_occlusion,
-    window_starts,
-)
+from cxrlens.explain.occlusion import BF16_TOLERANCE, TOLERANCE, Approximation, Runner, sweep_grid, window_starts
 from cxrlens.explain.rewrite import is_explainable, make_explainable
 from cxrlens.explain.rules import EPS, DeepLiftHooks, GuidedState, guided_relus
 from cxrlens.models import MODELS
@@ -447,18 +439,19 @@ def _check_window(p: dict[str, Any], image_size: tuple[int, int]) -> None:
         raise CxrlensError(
             f"occlusion window {wh}x{ww} is larger than the {h}x{w} image; use a window of at most {h}x{w}"
         )
-    _approximate_threshold(p["approximate"])
+    _approximation(p["approximate"])
 
 
-def _approximate_threshold(value: Any) -> float | None:
-    """None (exact), or the box side share of approximate mode (True: the default share)."""
+def _approximation(value: Any) -> Approximation | None:
+    """None (exact), the grid approximation (True) or projective-field thresholding at a box side share."""
     if value is False or value is None:
         return None
-    if value is True:
-        return APPROXIMATE_THRESHOLD
-    if isinstance(value, (int, float)) and 0 < value <= 1:
-        return float(value)
-    raise CxrlensError(f"occlusion approximate must be true, false or a share in (0, 1], got {value!r}")
+    if value is True or value == "grid":
+        return Approximation("grid")
+    if isinstance(value, (int, float)) and 0 < value < 1:
+        return Approximation("projective", threshold=float(value))
+    raise CxrlensError(f"occlusion approximate must be true (every 2nd window position, the others interpolated), "
+                       f"false, or a box side share in (0, 1) for projective-field thresholding; got {value!r}")
 
 
 @register_method(
@@ -475,34 +468,26 @@ def _approximate_threshold(value: Any) -> float | None:
 def _occlusion(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     (wh, ww), (sh, sw) = _pair(p["window"], "window"), _pair(p["stride"], "stride")
     b, c, h, w = x.shape
-    baseline = _baseline(p["baseline"], x)
     ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
-    windows = [(y0, x0) for y0 in ys for x0 in xs]
     n_targets = len(ctx.targets)
     runner = Runner(ctx.model, lambda out: ctx.apply_output(ctx.target_logits(out)), ctx.prepare,
                     lambda: ctx.autocast(x.device), BF16_TOLERANCE if ctx.bf16 else TOLERANCE)
-    attrs, errors = [], []
     with torch.inference_mode():
-        approximate = _approximate_threshold(p["approximate"])
-        plan, scores = plan_occlusion(runner, x, baseline, windows, (wh, ww), ctx.max_batch,
-                                      incremental=p["incremental"], approximate=approximate)
+        result = sweep_grid(runner, x, _baseline(p["baseline"], x), ys, xs, (wh, ww), ctx.max_batch,
+                            incremental=p["incremental"], approximation=_approximation(p["approximate"]))
         # How many windows cover each pixel, and the sum of the output drops of those windows, by a
         # transposed convolution of the grid of drops with a window of ones.
-        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=scores.dtype)
-        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=scores.dtype)
+        drops = result.drops.to(result.scores.dtype)
+        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=drops.dtype)
+        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=drops.dtype)
         counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
-        for i in range(b):
-            base = baseline[i if baseline.shape[0] > 1 else 0]
-            sweep = occluded_scores(plan, runner, x[i], base, scores[i], windows, (wh, ww), ctx.max_batch)
-            grid_drops = (scores[i] - sweep.scores).T.reshape(1, n_targets, len(ys), len(xs))
-            summed = F.conv_transpose2d(grid_drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
-            attrs.append((summed / counts.clamp(min=1))[0])
-            errors.append(sweep.error)
-    attr = torch.stack(attrs).unsqueeze(2).expand(b, n_targets, c, h, w)
-    meta = {"n_windows": len(windows), "incremental_layer": plan.layer, "occlusion_plan": plan.reason}
-    if plan.approximate is not None:  # one entry per image: error per target on windows checked against exact
-        meta["approximation_error"] = errors
-    return MethodResult(attr, scores=scores, meta=meta)
+        summed = F.conv_transpose2d(drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
+        attr = (summed / counts.clamp(min=1)).unsqueeze(2).expand(b, n_targets, c, h, w)
+    meta = {"n_windows": len(ys) * len(xs), "incremental_layer": result.plan.layer,
+            "occlusion_plan": result.plan.reason}
+    if result.errors is not None:  # one entry per image: error per target on windows checked against exact
+        meta["approximation_error"] = result.errors
+    return MethodResult(attr, scores=result.scores, meta=meta)
 
 
 # --- gradient methods ----------------------------------------------------------------------------

@@ -13,9 +13,10 @@
 
 Errors raised while sweeping are real errors and reach the caller.
 
-Approximate mode (``approximate=threshold``, never the default) caps every box at that share of its
-map's side (Krypton's projective-field thresholding) and measures its error against exact outputs on
-:data:`ERROR_SAMPLES` windows spread over the image, reported with the maps.
+Approximate mode (:class:`Approximation`, never the default) sweeps every second window position per
+axis and interpolates the others (``grid``, 4x fewer windows), or caps every box at a share of its
+map's side (``projective``: Krypton's projective-field thresholding); it measures its error against
+exact outputs on :data:`ERROR_SAMPLES` windows spread over the image, reported with the maps.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ MIN_WINDOWS = 32  # planning costs a few forward passes; not worth it for short 
 MAX_COST = 0.85  # use a plan only when it saves at least 15 % of the work
 TOLERANCE = 1e-4  # relative: float32 sums in a different order (crop vs whole image) differ by a few ulps
 BF16_TOLERANCE = 4 * 2.0**-8  # under bfloat16 autocast: a few roundings of its 8-bit mantissa
-APPROXIMATE_THRESHOLD = 0.5  # default box side share of approximate mode
+APPROXIMATE_THRESHOLD = 0.5  # default box side share of projective approximate mode
 ERROR_SAMPLES = 16  # windows on which approximate mode is compared with exact outputs
 
 
@@ -71,14 +72,6 @@ class OcclusionPlan:
     def layer(self) -> str | None:
         chosen = self.approximate or self.incremental
         return None if chosen is None else chosen.last_box
-
-
-@dataclass
-class ImageSweep:
-    """One image's occluded outputs, and (approximate mode) their measured error."""
-
-    scores: torch.Tensor  # [windows, T]
-    error: dict[str, Any] | None = None
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -158,7 +151,7 @@ def plan_occlusion(runner: Runner, images: torch.Tensor, baseline: torch.Tensor,
     scores = torch.cat([runner.full(chunk) for chunk in images.split(max_batch)])
     if not incremental:
         return OcclusionPlan(None, "brute force, because incremental=False"), scores
-    if len(windows) < MIN_WINDOWS and approximate is None:
+    if len(windows) < MIN_WINDOWS:
         return OcclusionPlan(None, f"brute force, because {len(windows)} windows are too few to plan for "
                                    f"(at least {MIN_WINDOWS})"), scores
     exact, approx, problem = _traced(runner, images[:1], windows, size, approximate)
@@ -167,8 +160,7 @@ def plan_occlusion(runner: Runner, images: torch.Tensor, baseline: torch.Tensor,
     assert exact is not None
     if approx is not None:  # the exact plan, where it pays and is exact, gives the reference outputs
         usable = exact.cost <= MAX_COST and _verify(runner, exact, images[:1], baseline[:1], windows, size) is None
-        return OcclusionPlan(exact if usable else None, f"approximate: boxes at most {approximate:.0%} of each "
-                                                        f"side, {_describe(approx)}", approx), scores
+        return OcclusionPlan(exact if usable else None, _describe(approx), approx), scores
     if exact.cost > MAX_COST:
         return OcclusionPlan(None, f"brute force, because the best plan ({_describe(exact)}) saves too little "
                                    f"(at most {MAX_COST:.0%} of full passes)"), scores
@@ -202,28 +194,104 @@ def sample_indices(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
 
 
-def occluded_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base: torch.Tensor,
-                    score: torch.Tensor, windows: list[tuple[int, int]], size: tuple[int, int],
-                    max_batch: int) -> ImageSweep:
-    """The outputs of ``image`` [C, H, W] with each window replaced by ``base`` [C, H, W], as the plan says;
-    approximate sweeps also measure their error on :data:`ERROR_SAMPLES` windows against exact outputs
-    (``score`` [T]: the unoccluded outputs, to express it relative to the largest output drop)."""
+@dataclass(frozen=True)
+class Approximation:
+    """Approximate mode. ``grid``: sweep every ``factor``-th window position along each axis (and the last)
+    and interpolate the output drops of the others linearly; ``projective``: every box at most
+    ``threshold`` of its map's side (Krypton's projective-field thresholding)."""
+
+    kind: str = "grid"
+    factor: int = 2
+    threshold: float = APPROXIMATE_THRESHOLD
+
+    def describe(self, swept: int, total: int) -> str:
+        if self.kind == "grid":
+            return (f"approximate: one window position in {self.factor} per axis swept ({swept} of {total} "
+                    "windows), the others interpolated")
+        return f"approximate: boxes at most {self.threshold:.0%} of each side"
+
+
+@dataclass
+class GridSweep:
+    """Output drops on a grid of window positions: ``plan`` (how it ran), ``scores`` [B, T] of the
+    unoccluded images, ``drops`` [B, T, rows, cols], and per image the measured error of approximate mode."""
+
+    plan: OcclusionPlan
+    scores: torch.Tensor
+    drops: torch.Tensor
+    errors: list[dict[str, Any]] | None = None
+
+
+def coarse(starts: list[int], factor: int) -> list[int]:
+    """Every ``factor``-th position and the last one."""
+    return sorted(set(starts[::factor]) | {starts[-1]})
+
+
+def interpolation(fine: list[int], swept: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Weights [len(fine), len(swept)] of linear interpolation between swept positions (pixels)."""
+    weights = torch.zeros(len(fine), len(swept), dtype=dtype)
+    for i, position in enumerate(fine):
+        j = min(int(np.searchsorted(swept, position, side="right")) - 1, len(swept) - 1)
+        if swept[j] == position or j == len(swept) - 1:
+            weights[i, j] = 1.0
+        else:
+            t = (position - swept[j]) / (swept[j + 1] - swept[j])
+            weights[i, j], weights[i, j + 1] = 1 - t, t
+    return weights
+
+
+def _image_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base: torch.Tensor,
+                  windows: list[tuple[int, int]], size: tuple[int, int],
+                  max_batch: int) -> tuple[torch.Tensor, dict | None]:
+    """Scores [len(windows), T] of ``image`` [C, H, W] occluded by ``base`` [C, H, W] as the plan says, and the
+    stored maps an exact incremental sweep of the same image can reuse."""
     chosen = plan.approximate or plan.incremental
     if chosen is None:
-        return ImageSweep(full_scores(runner, image, base, windows, size, max_batch))
+        return full_scores(runner, image, base, windows, size, max_batch), None
     plans = [p for p in (plan.approximate, plan.incremental) if p is not None]
-    prepared = runner.prepare(image[None])
-    stored, _ = inc.store(chosen.gm, prepared, _keep(plans), runner.context)
-    scores = sweep_scores(runner, chosen, image[None], base[None], windows, size, max_batch, stored)
-    if plan.approximate is None:
-        return ImageSweep(scores)
-    picked = sample_indices(len(windows), ERROR_SAMPLES)
-    sample = [windows[i] for i in picked]
-    if plan.incremental is not None:
-        exact = sweep_scores(runner, plan.incremental, image[None], base[None], sample, size, max_batch, stored)
-    else:
-        exact = full_scores(runner, image, base, sample, size, max_batch)
-    error = (scores[picked] - exact).abs().max(0).values  # [T]
-    largest_drop = (score[None] - scores).abs().max(0).values.clamp(min=1e-30)
-    return ImageSweep(scores, {"windows_checked": len(picked), "max_abs_error": error.tolist(),
-                               "relative_to_largest_drop": (error / largest_drop).tolist()})
+    stored, _ = inc.store(chosen.gm, runner.prepare(image[None]), _keep(plans), runner.context)
+    return sweep_scores(runner, chosen, image[None], base[None], windows, size, max_batch, stored), stored
+
+
+def _exact_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base: torch.Tensor,
+                  windows: list[tuple[int, int]], size: tuple[int, int], max_batch: int,
+                  stored: dict | None) -> torch.Tensor:
+    if plan.incremental is not None and stored is not None:
+        return sweep_scores(runner, plan.incremental, image[None], base[None], windows, size, max_batch, stored)
+    return full_scores(runner, image, base, windows, size, max_batch)
+
+
+def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys: list[int], xs: list[int],
+               size: tuple[int, int], max_batch: int, incremental: bool = True,
+               approximation: Approximation | None = None) -> GridSweep:
+    """Output drops of ``images`` [B, C, H, W] for windows of ``size`` at every (y, x) of ``ys`` x ``xs``,
+    replaced by ``baseline`` [1 or B, C, H, W]; approximate mode measures its error on :data:`ERROR_SAMPLES`
+    windows (ones it did not sweep, in grid mode) against exact outputs."""
+    grid = approximation is not None and approximation.kind == "grid"
+    swept_ys, swept_xs = (coarse(ys, approximation.factor), coarse(xs, approximation.factor)) if grid else (ys, xs)
+    windows = [(y0, x0) for y0 in swept_ys for x0 in swept_xs]
+    threshold = approximation.threshold if approximation is not None and not grid else None
+    plan, scores = plan_occlusion(runner, images, baseline, windows, size, max_batch, incremental, threshold)
+    if approximation is not None:
+        plan.reason = f"{approximation.describe(len(windows), len(ys) * len(xs))}; {plan.reason}"
+    rows, cols = interpolation(ys, swept_ys, scores.dtype), interpolation(xs, swept_xs, scores.dtype)
+    all_windows = [(y0, x0) for y0 in ys for x0 in xs]
+    unswept = [i for i, w in enumerate(all_windows) if w not in set(windows)] if grid else list(range(len(windows)))
+    drops, errors = [], []
+    for i in range(images.shape[0]):
+        base = baseline[i if baseline.shape[0] > 1 else 0]
+        occluded, stored = _image_scores(plan, runner, images[i], base, windows, size, max_batch)
+        image_drops = (scores[i] - occluded).T.reshape(-1, len(swept_ys), len(swept_xs))
+        if grid:
+            image_drops = rows @ image_drops @ cols.T
+        drops.append(image_drops)
+        if approximation is not None:
+            picked = [unswept[j] for j in sample_indices(len(unswept), ERROR_SAMPLES)] if unswept else []
+            exact = scores[i] - _exact_scores(plan, runner, images[i], base, [all_windows[j] for j in picked], size,
+                                              max_batch, stored)
+            approximate = image_drops.flatten(1)[:, picked].T
+            error = (approximate - exact).abs().max(0).values if picked else torch.zeros(len(scores[i]))
+            largest = image_drops.flatten(1).abs().max(1).values.clamp(min=1e-30)
+            errors.append({"windows_checked": len(picked), "max_abs_error": error.tolist(),
+                           "relative_to_largest_drop": (error / largest).tolist()})
+    return GridSweep(plan, scores, torch.stack(drops), errors if approximation is not None else None)
