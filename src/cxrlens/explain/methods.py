@@ -60,7 +60,7 @@ from torch import nn
 
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.occlusion import BF16_TOLERANCE, TOLERANCE, Approximation, Runner, sweep_grid, window_starts
-from cxrlens.explain.rewrite import is_explainable, make_explainable
+from cxrlens.explain.rewrite import explainable
 from cxrlens.explain.rules import EPS, DeepLiftHooks, GuidedState, guided_relus
 from cxrlens.models import MODELS
 
@@ -775,9 +775,12 @@ def _smoothgrad(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> Metho
 @contextmanager
 def _evaluating(model: nn.Module, channels_last: bool) -> Iterator[None]:
     """Eval mode, no parameter gradients (only input gradients are needed), optional channels-last;
-    the model's own settings are restored afterwards."""
+    the model's own settings come back afterwards, its weights as the very tensors they were (same
+    storage and memory format, so its outputs do not move by a rounding)."""
     modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
+    params = [(p, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     model.eval()
     model.requires_grad_(False)
     if channels_last:
@@ -787,11 +790,13 @@ def _evaluating(model: nn.Module, channels_last: bool) -> Iterator[None]:
     finally:
         for module, training in zip(model.modules(), modes, strict=True):
             module.training = training
+        if channels_last:
+            for param, data in params:
+                param.data = data
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer
         for param, flag in zip(model.parameters(), flags, strict=True):
             param.requires_grad_(flag)
-        if channels_last:
-            model.to(memory_format=torch.contiguous_format)
-
 
 
 def _check_inputs(output: str, images: Any, targets: Sequence[int] | int, max_batch: Any) -> list[int]:
@@ -826,15 +831,15 @@ def attribute(
     """Explain ``targets`` of every image in ``images`` with ``method`` (see the module docstring).
 
     Methods with backward rules (DeepLIFT, guided backprop, guided Grad-CAM) need an explainable
-    model; one that is not gets rewritten here, on every call: call ``make_explainable`` once
-    instead when explaining many batches.
+    model; one that is not is rewritten on the first such call and the copy is kept for the next
+    ones, until the model's weights or modules change (``rewrite.explainable``).
     """
     spec = get_method(method)
     spec.resolve(params)  # unknown parameters first: the most likely mistake
     target_list = _check_inputs(output, images, targets, max_batch)
     resolved = spec.check_params(params, (images.shape[-2], images.shape[-1]))
-    if spec.needs_rewrite(resolved) and not is_explainable(model):
-        model = make_explainable(model, images[:1])
+    if spec.needs_rewrite(resolved):
+        model = explainable(model, images[:1])
     started = time.perf_counter()
     ctx = MethodContext(model, target_list, output, max_batch, channels_last, autocast_bf16, model_name)
     with _evaluating(model, channels_last):
