@@ -22,6 +22,7 @@ exact outputs on :data:`ERROR_SAMPLES` windows spread over the image, reported w
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class OcclusionPlan:
     incremental: inc.Plan | None
     reason: str
     approximate: inc.Plan | None = None
+    seconds: float = 0.0  # spent planning (tracing, one pass for shapes, checking the probe windows)
 
     @property
     def layer(self) -> str | None:
@@ -149,25 +151,33 @@ def plan_occlusion(runner: Runner, images: torch.Tensor, baseline: torch.Tensor,
     """Decide how to sweep ``images`` [B, C, H, W] (explicit checks, each with its reason) and score the
     unoccluded images: returns the plan and the scores [B, T]."""
     scores = torch.cat([runner.full(chunk) for chunk in images.split(max_batch)])
+    started = time.perf_counter()
+    plan = _decide(runner, images, baseline, windows, size, incremental, approximate)
+    plan.seconds = time.perf_counter() - started
+    return plan, scores
+
+
+def _decide(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, windows: list[tuple[int, int]],
+            size: tuple[int, int], incremental: bool, approximate: float | None) -> OcclusionPlan:
     if not incremental:
-        return OcclusionPlan(None, "brute force, because incremental=False"), scores
+        return OcclusionPlan(None, "brute force, because incremental=False")
     if len(windows) < MIN_WINDOWS:
         return OcclusionPlan(None, f"brute force, because {len(windows)} windows are too few to plan for "
-                                   f"(at least {MIN_WINDOWS})"), scores
+                                   f"(at least {MIN_WINDOWS})")
     exact, approx, problem = _traced(runner, images[:1], windows, size, approximate)
     if problem is not None:
-        return OcclusionPlan(None, f"brute force, because {problem}"), scores
+        return OcclusionPlan(None, f"brute force, because {problem}")
     assert exact is not None
     if approx is not None:  # the exact plan, where it pays and is exact, gives the reference outputs
         usable = exact.cost <= MAX_COST and _verify(runner, exact, images[:1], baseline[:1], windows, size) is None
-        return OcclusionPlan(exact if usable else None, _describe(approx), approx), scores
+        return OcclusionPlan(exact if usable else None, _describe(approx), approx)
     if exact.cost > MAX_COST:
         return OcclusionPlan(None, f"brute force, because the best plan ({_describe(exact)}) saves too little "
-                                   f"(at most {MAX_COST:.0%} of full passes)"), scores
+                                   f"(at most {MAX_COST:.0%} of full passes)")
     problem = _verify(runner, exact, images[:1], baseline[:1], windows, size)
     if problem is not None:
-        return OcclusionPlan(None, f"brute force, because {problem}"), scores
-    return OcclusionPlan(exact, _describe(exact)), scores
+        return OcclusionPlan(None, f"brute force, because {problem}")
+    return OcclusionPlan(exact, _describe(exact))
 
 
 def _keep(plans: list[inc.Plan]) -> Callable[[Any], bool]:
