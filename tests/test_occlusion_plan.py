@@ -79,4 +79,4 @@ def test_cli_explain_approximate(tmp_path, monkeypatch, capsys) -> None:
     record = json.loads((tmp_path / "out" / "summary.json").read_text())["models"]["run"]["methods"]["occlusion"]
     assert record["params"]["approximate"] is True and record["occlusion_plan"].startswith("approximate: ")
     (error,) = record["approximation_error"]  # one image, its error per explained class
-    assert error["windows_checked"] > 0 and len(error["max_abs_error"]) == 1
+    assert error["windows_checked"] > 0 and len(error["map_error"]) == len(error["map_error_relative"]) == 1

@@ -475,17 +475,10 @@ def _occlusion(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> Method
     with torch.inference_mode():
         result = sweep_grid(runner, x, _baseline(p["baseline"], x), ys, xs, (wh, ww), ctx.max_batch,
                             incremental=p["incremental"], approximation=_approximation(p["approximate"]))
-        # How many windows cover each pixel, and the sum of the output drops of those windows, by a
-        # transposed convolution of the grid of drops with a window of ones.
-        drops = result.drops.to(result.scores.dtype)
-        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=drops.dtype)
-        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=drops.dtype)
-        counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
-        summed = F.conv_transpose2d(drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
-        attr = (summed / counts.clamp(min=1)).unsqueeze(2).expand(b, n_targets, c, h, w)
+    attr = result.maps.to(result.scores.dtype).unsqueeze(2).expand(b, n_targets, c, h, w)
     meta = {"n_windows": len(ys) * len(xs), "incremental_layer": result.plan.layer,
             "occlusion_plan": result.plan.reason}
-    if result.errors is not None:  # one entry per image: error per target on windows checked against exact
+    if result.errors is not None:  # one entry per image: errors per target, checked against exact outputs
         meta["approximation_error"] = result.errors
     return MethodResult(attr, scores=result.scores, meta=meta)
 

@@ -16,7 +16,8 @@ Errors raised while sweeping are real errors and reach the caller.
 Approximate mode (:class:`Approximation`, never the default) sweeps every second window position per
 axis and interpolates the others (``grid``, 4x fewer windows), or caps every box at a share of its
 map's side (``projective``: Krypton's projective-field thresholding); it measures its error against
-exact outputs on :data:`ERROR_SAMPLES` windows spread over the image, reported with the maps.
+exact outputs on the :data:`CHECK_BLOCK` x :data:`CHECK_BLOCK` pixels at the centre of the image (every
+window covering them computed exactly), reported with the maps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cxrlens.explain import incremental as inc
@@ -39,7 +41,7 @@ MAX_COST = 0.85  # use a plan only when it saves at least 15 % of the work
 TOLERANCE = 1e-4  # relative: float32 sums in a different order (crop vs whole image) differ by a few ulps
 BF16_TOLERANCE = 4 * 2.0**-8  # under bfloat16 autocast: a few roundings of its 8-bit mantissa
 APPROXIMATE_THRESHOLD = 0.5  # default box side share of projective approximate mode
-ERROR_SAMPLES = 16  # windows on which approximate mode is compared with exact outputs
+CHECK_BLOCK = 8  # approximate mode is checked against exact outputs on this many pixels per side
 
 
 @dataclass
@@ -199,11 +201,6 @@ def sweep_scores(runner: Runner, p: inc.Plan, image: torch.Tensor, base: torch.T
     return torch.cat([runner.head(sweep.run(windows[i: i + max_batch])) for i in range(0, len(windows), max_batch)])
 
 
-def sample_indices(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over range(n) (all of them when n <= k)."""
-    return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
-
-
 @dataclass(frozen=True)
 class Approximation:
     """Approximate mode. ``grid``: sweep every ``factor``-th window position along each axis (and the last)
@@ -223,12 +220,15 @@ class Approximation:
 
 @dataclass
 class GridSweep:
-    """Output drops on a grid of window positions: ``plan`` (how it ran), ``scores`` [B, T] of the
-    unoccluded images, ``drops`` [B, T, rows, cols], and per image the measured error of approximate mode."""
+    """An occlusion sweep over a grid of window positions: ``plan`` (how it ran), ``scores`` [B, T] of the
+    unoccluded images, ``drops`` [B, T, rows, cols] (output drop per window), ``maps`` [B, T, H, W]
+    (each pixel's mean drop over the windows covering it) and, in approximate mode, per image its
+    error measured against exact outputs."""
 
     plan: OcclusionPlan
     scores: torch.Tensor
     drops: torch.Tensor
+    maps: torch.Tensor
     errors: list[dict[str, Any]] | None = None
 
 
@@ -248,6 +248,23 @@ def interpolation(fine: list[int], swept: list[int], dtype: torch.dtype) -> torc
             t = (position - swept[j]) / (swept[j + 1] - swept[j])
             weights[i, j], weights[i, j + 1] = 1 - t, t
     return weights
+
+
+def average_map(drops: torch.Tensor, ys: list[int], xs: list[int], size: tuple[int, int],
+                hw: tuple[int, int]) -> torch.Tensor:
+    """Maps [T, H, W]: each pixel's mean output drop over the windows of ``size`` (regularly spaced at ``ys`` x
+    ``xs``) that cover it, from ``drops`` [T, len(ys), len(xs)]; by transposed convolutions of the grid of
+    drops and of ones with a window of ones."""
+    (wh, ww), n_targets = size, drops.shape[0]
+    stride = (ys[1] - ys[0] if len(ys) > 1 else 1, xs[1] - xs[0] if len(xs) > 1 else 1)
+    ones = torch.ones(n_targets, 1, wh, ww, dtype=drops.dtype, device=drops.device)
+    summed = F.conv_transpose2d(drops[None], ones, stride=stride, groups=n_targets)[0]
+    counts = F.conv_transpose2d(torch.ones_like(drops[:1])[None], ones[:1], stride=stride)[0]
+    out = drops.new_zeros(n_targets, *hw)
+    region = out[:, ys[0]:, xs[0]:]
+    h, w = min(region.shape[1], summed.shape[1]), min(region.shape[2], summed.shape[2])
+    region[:, :h, :w] = summed[:, :h, :w] / counts[:, :h, :w].clamp(min=1)
+    return out
 
 
 def _image_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base: torch.Tensor,
@@ -271,12 +288,49 @@ def _exact_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base
     return full_scores(runner, image, base, windows, size, max_batch)
 
 
+def check_region(ys: list[int], xs: list[int], size: tuple[int, int],
+                 hw: tuple[int, int]) -> tuple[tuple[int, int, int, int], list[tuple[int, int]]]:
+    """The :data:`CHECK_BLOCK` x :data:`CHECK_BLOCK` pixels [top, bottom, left, right) at the centre of the swept
+    area, and the grid indices (row, column) of every window that covers one of them."""
+    box = []
+    for starts, extent, side in ((ys, size[0], hw[0]), (xs, size[1], hw[1])):
+        low, high = starts[0], min(starts[-1] + extent, side)
+        centre = (low + high) // 2
+        box += [max(low, centre - CHECK_BLOCK // 2), min(high, centre + CHECK_BLOCK // 2)]
+    top, bottom, left, right = box
+    rows = [i for i, y0 in enumerate(ys) if y0 < bottom and y0 + size[0] > top]
+    cols = [j for j, x0 in enumerate(xs) if x0 < right and x0 + size[1] > left]
+    return (top, bottom, left, right), [(i, j) for i in rows for j in cols]
+
+
+def _measure_error(approximate: torch.Tensor, exact_at: Callable[[list[tuple[int, int]]], torch.Tensor],
+                   swept: set[tuple[int, int]], ys: list[int], xs: list[int], size: tuple[int, int],
+                   hw: tuple[int, int]) -> dict[str, Any]:
+    """Approximate mode against exact outputs on the pixels of :func:`check_region`: ``approximate`` drops
+    [T, len(ys), len(xs)], ``exact_at(windows)`` their exact drops [len(windows), T]; windows in ``swept``
+    were computed exactly already."""
+    (top, bottom, left, right), covering = check_region(ys, xs, size, hw)
+    todo = [(i, j) for i, j in covering if (ys[i], xs[j]) not in swept]
+    exact = approximate.clone()
+    if todo:
+        values = exact_at([(ys[i], xs[j]) for i, j in todo]).T  # [T, len(todo)]
+        exact[:, [i for i, _ in todo], [j for _, j in todo]] = values.to(exact.dtype)
+    window_error = (approximate - exact).abs().flatten(1).max(1).values
+    approximate_map = average_map(approximate, ys, xs, size, hw)
+    error_map = (approximate_map - average_map(exact, ys, xs, size, hw))[:, top:bottom, left:right]
+    map_error = error_map.abs().flatten(1).max(1).values
+    largest = approximate_map.abs().flatten(1).max(1).values.clamp(min=1e-30)
+    return {"checked_pixels": [top, bottom, left, right], "windows_checked": len(todo),
+            "window_error": window_error.tolist(), "map_error": map_error.tolist(),
+            "map_error_relative": (map_error / largest).tolist()}
+
+
 def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys: list[int], xs: list[int],
                size: tuple[int, int], max_batch: int, incremental: bool = True,
                approximation: Approximation | None = None) -> GridSweep:
-    """Output drops of ``images`` [B, C, H, W] for windows of ``size`` at every (y, x) of ``ys`` x ``xs``,
-    replaced by ``baseline`` [1 or B, C, H, W]; approximate mode measures its error on :data:`ERROR_SAMPLES`
-    windows (ones it did not sweep, in grid mode) against exact outputs."""
+    """Occlusion of ``images`` [B, C, H, W] by windows of ``size`` at every (y, x) of ``ys`` x ``xs`` (regularly
+    spaced), replaced by ``baseline`` [1 or B, C, H, W]. Approximate mode measures its error against exact
+    outputs on the :data:`CHECK_BLOCK` x :data:`CHECK_BLOCK` pixels at the centre (all windows covering them)."""
     grid = approximation is not None and approximation.kind == "grid"
     swept_ys, swept_xs = (coarse(ys, approximation.factor), coarse(xs, approximation.factor)) if grid else (ys, xs)
     windows = [(y0, x0) for y0 in swept_ys for x0 in swept_xs]
@@ -285,9 +339,8 @@ def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys:
     if approximation is not None:
         plan.reason = f"{approximation.describe(len(windows), len(ys) * len(xs))}; {plan.reason}"
     rows, cols = interpolation(ys, swept_ys, scores.dtype), interpolation(xs, swept_xs, scores.dtype)
-    all_windows = [(y0, x0) for y0 in ys for x0 in xs]
-    unswept = [i for i, w in enumerate(all_windows) if w not in set(windows)] if grid else list(range(len(windows)))
-    drops, errors = [], []
+    hw = (images.shape[-2], images.shape[-1])
+    drops, maps, errors = [], [], []
     for i in range(images.shape[0]):
         base = baseline[i if baseline.shape[0] > 1 else 0]
         occluded, stored = _image_scores(plan, runner, images[i], base, windows, size, max_batch)
@@ -295,13 +348,11 @@ def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys:
         if grid:
             image_drops = rows @ image_drops @ cols.T
         drops.append(image_drops)
+        maps.append(average_map(image_drops, ys, xs, size, hw))
         if approximation is not None:
-            picked = [unswept[j] for j in sample_indices(len(unswept), ERROR_SAMPLES)] if unswept else []
-            exact = scores[i] - _exact_scores(plan, runner, images[i], base, [all_windows[j] for j in picked], size,
-                                              max_batch, stored)
-            approximate = image_drops.flatten(1)[:, picked].T
-            error = (approximate - exact).abs().max(0).values if picked else torch.zeros(len(scores[i]))
-            largest = image_drops.flatten(1).abs().max(1).values.clamp(min=1e-30)
-            errors.append({"windows_checked": len(picked), "max_abs_error": error.tolist(),
-                           "relative_to_largest_drop": (error / largest).tolist()})
-    return GridSweep(plan, scores, torch.stack(drops), errors if approximation is not None else None)
+            def exact_at(chosen: list[tuple[int, int]], i: int = i, base: torch.Tensor = base,
+                         stored: dict | None = stored) -> torch.Tensor:
+                return scores[i] - _exact_scores(plan, runner, images[i], base, chosen, size, max_batch, stored)
+
+            errors.append(_measure_error(image_drops, exact_at, set(windows) if grid else set(), ys, xs, size, hw))
+    return GridSweep(plan, scores, torch.stack(drops), torch.stack(maps), errors if approximation is not None else None)
