@@ -71,6 +71,7 @@ class OcclusionPlan:
     reason: str
     approximate: inc.Plan | None = None
     seconds: float = 0.0  # spent planning (tracing, one pass for shapes, checking the probe windows)
+    cpu_seconds: float = 0.0  # the same in CPU time of this process
 
     @property
     def layer(self) -> str | None:
@@ -153,9 +154,9 @@ def plan_occlusion(runner: Runner, images: torch.Tensor, baseline: torch.Tensor,
     """Decide how to sweep ``images`` [B, C, H, W] (explicit checks, each with its reason) and score the
     unoccluded images: returns the plan and the scores [B, T]."""
     scores = torch.cat([runner.full(chunk) for chunk in images.split(max_batch)])
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     plan = _decide(runner, images, baseline, windows, size, incremental, approximate)
-    plan.seconds = time.perf_counter() - started
+    plan.seconds, plan.cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     return plan, scores
 
 
@@ -230,6 +231,7 @@ class GridSweep:
     drops: torch.Tensor
     maps: torch.Tensor
     errors: list[dict[str, Any]] | None = None
+    check_cpu_seconds: float = 0.0  # CPU time spent measuring approximate mode's error
 
 
 def coarse(starts: list[int], factor: int) -> list[int]:
@@ -340,7 +342,7 @@ def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys:
         plan.reason = f"{approximation.describe(len(windows), len(ys) * len(xs))}; {plan.reason}"
     rows, cols = interpolation(ys, swept_ys, scores.dtype), interpolation(xs, swept_xs, scores.dtype)
     hw = (images.shape[-2], images.shape[-1])
-    drops, maps, errors = [], [], []
+    drops, maps, errors, check_seconds = [], [], [], 0.0
     for i in range(images.shape[0]):
         base = baseline[i if baseline.shape[0] > 1 else 0]
         occluded, stored = _image_scores(plan, runner, images[i], base, windows, size, max_batch)
@@ -354,5 +356,8 @@ def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys:
                          stored: dict | None = stored) -> torch.Tensor:
                 return scores[i] - _exact_scores(plan, runner, images[i], base, chosen, size, max_batch, stored)
 
+            started = time.process_time()
             errors.append(_measure_error(image_drops, exact_at, set(windows) if grid else set(), ys, xs, size, hw))
-    return GridSweep(plan, scores, torch.stack(drops), torch.stack(maps), errors if approximation is not None else None)
+            check_seconds += time.process_time() - started
+    return GridSweep(plan, scores, torch.stack(drops), torch.stack(maps), errors if approximation is not None else None,
+                     check_seconds)
