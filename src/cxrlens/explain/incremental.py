@@ -427,76 +427,89 @@ class _Coster:
         self.planned += (whole if box_elements is None else box_elements * per) + COPY_COST * copied
 
 
+class _Planner:
+    """Walks the graph once, deciding each node's mode and box (see :func:`plan`)."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, Any], share: float | None,
+                 cap_share: float | None) -> None:
+        self.gm, self.shapes, self.share, self.cap_share = gm, shapes, share, cap_share
+        self.modes: dict[fx.Node, str] = {}
+        self.boxes: dict[fx.Node, Boxes] = {}
+        self.stored: set[fx.Node] = set()
+        self.coster = _Coster()
+
+    def _cap(self, hw: tuple[int, int] | None) -> tuple[int, int] | None:
+        if self.cap_share is None or hw is None:
+            return None
+        return max(1, math.ceil(self.cap_share * hw[0])), max(1, math.ceil(self.cap_share * hw[1]))
+
+    def _box(self, step: Step, inputs: list[fx.Node]) -> tuple[Boxes | None, float, set[fx.Node]]:
+        """The node's box if it can run on one (before the dense share), the elements copied into windows and
+        the inputs gathered from."""
+        hw, window, shapes = step.hw, step.window, self.shapes
+        if step.kind == "window" and len(step.box_inputs) == 1 and inputs == [step.box_inputs[0]]:
+            source = step.box_inputs[0]
+            box = through(window, self.boxes[source], hw, cap=self._cap(hw))  # type: ignore[arg-type]
+            in_h = (box.h - 1) * window.stride[0] + window.kernel[0]  # type: ignore[union-attr]
+            in_w = (box.w - 1) * window.stride[1] + window.kernel[1]  # type: ignore[union-attr]
+            channels = _elements(shapes[source]) / max(1, math.prod(shapes[source].shape[-2:]))
+            return box, in_h * in_w * channels, {source}
+        local_inputs = all(_spatial(shapes[n]) and tuple(shapes[n].shape[-2:]) == hw for n in step.box_inputs)
+        spatial_constants = any(_spatial(shapes[n]) and self.modes[n] == CONST for n in inputs)
+        if step.kind in ("pointwise", "cat") and local_inputs and not spatial_constants:
+            box = union([self.boxes[n] for n in step.box_inputs], hw, cap=self._cap(hw))  # type: ignore[arg-type]
+            gathered = {n for n in step.box_inputs if not self.boxes[n].same(box)}
+            copied = sum(box.h * box.w * _elements(shapes[n]) / math.prod(hw) for n in gathered)  # type: ignore[arg-type]
+            return box, copied, gathered
+        return None, 0.0, set()
+
+    def step(self, node: fx.Node) -> Step:
+        kind, module, window = _classify(node, self.gm)
+        value = self.shapes.get(node)
+        inputs = _flat_nodes((node.args, node.kwargs))
+        input_modes = {self.modes[n] for n in inputs}
+        hw = tuple(value.shape[-2:]) if _spatial(value) else None
+        step = Step(node, DENSE, kind, module, window, hw=hw,  # type: ignore[arg-type]
+                    box_inputs=tuple(n for n in inputs if self.modes[n] == BOX))
+        box, copied, gathered = None, 0.0, set()
+        if kind == "input":
+            step.mode, box = BOX, self.input_boxes
+        elif node.op == "get_attr" or kind == "attribute" or (kind != "output" and input_modes <= {CONST}):
+            step.mode = CONST
+        elif kind != "output" and DENSE not in input_modes and hw is not None:
+            box, copied, gathered = self._box(step, inputs)
+            too_big = box is not None and self.cap_share is None and box.h * box.w > self.share * hw[0] * hw[1]
+            if box is not None and ((box.h, box.w) == hw or too_big):  # nothing left to save, or not enough
+                box, copied, gathered = None, 0.0, set()
+        if box is not None:
+            step.mode, step.size = BOX, (box.h, box.w)
+            self.boxes[node] = box
+        elif step.mode == DENSE:  # inputs on boxes are rebuilt as full maps
+            gathered = set(step.box_inputs)
+            copied = sum(_elements(self.shapes[n]) for n in gathered)
+        self.stored |= gathered
+        self.modes[node] = step.mode
+        box_elements = {CONST: 0.0, DENSE: None}.get(step.mode)
+        if step.mode == BOX and value is not None:
+            box_elements = _elements(value) * box.h * box.w / math.prod(hw)  # type: ignore[union-attr, arg-type]
+        self.coster.add(kind, window, module, value, box_elements, copied)
+        return step
+
+    def run(self, input_boxes: Boxes) -> Plan:
+        self.input_boxes = input_boxes
+        steps = [self.step(node) for node in self.gm.graph.nodes]
+        on_boxes = [s for s in steps if s.mode == BOX and s.kind != "input"]
+        return Plan(self.gm, steps, self.coster.planned / max(self.coster.full, 1.0),
+                    module_name(on_boxes[-1].node) if on_boxes else None,
+                    sum(isinstance(s.module, nn.Conv2d) for s in on_boxes),
+                    sum(isinstance(s.module, nn.Conv2d) for s in steps),
+                    self.share if self.cap_share is None else None, self.cap_share, self.stored)
+
+
 def _plan_once(gm: fx.GraphModule, shapes: dict[fx.Node, Any], input_boxes: Boxes, share: float | None,
                cap_share: float | None) -> Plan:
     """Modes and box sizes for every node, for windows whose input boxes are ``input_boxes``."""
-    steps: list[Step] = []
-    modes: dict[fx.Node, str] = {}
-    boxes: dict[fx.Node, Boxes] = {}
-    stored: set[fx.Node] = set()
-    coster = _Coster()
-    last_box, box_convs, convs = None, 0, 0
-    for node in gm.graph.nodes:
-        kind, module, window = _classify(node, gm)
-        value = shapes.get(node)
-        inputs = _flat_nodes((node.args, node.kwargs))
-        input_modes = {modes[n] for n in inputs}
-        box_inputs = tuple(n for n in inputs if modes[n] == BOX)
-        hw = tuple(value.shape[-2:]) if _spatial(value) else None
-        cap = None if cap_share is None or hw is None else (max(1, math.ceil(cap_share * hw[0])),
-                                                            max(1, math.ceil(cap_share * hw[1])))
-        if isinstance(module, nn.Conv2d):
-            convs += 1
-        step = Step(node, DENSE, kind, module, window, hw=hw, box_inputs=box_inputs)
-        box: Boxes | None = None
-        copied = 0.0
-        if kind == "input":
-            step.mode, box = BOX, input_boxes
-        elif node.op == "get_attr" or (kind != "output" and input_modes <= {CONST}):
-            step.mode = CONST
-        elif kind == "attribute":
-            step.mode = CONST
-        elif kind == "output" or DENSE in input_modes or hw is None:
-            step.mode = DENSE
-        elif kind == "window" and len(box_inputs) == 1 and inputs == [box_inputs[0]]:
-            source = box_inputs[0]
-            box = through(window, boxes[source], hw, cap=cap)  # type: ignore[arg-type]
-            in_h = (box.h - 1) * window.stride[0] + window.kernel[0]  # type: ignore[union-attr]
-            in_w = (box.w - 1) * window.stride[1] + window.kernel[1]  # type: ignore[union-attr]
-            copied = in_h * in_w * _elements(shapes[source]) / max(1, math.prod(shapes[source].shape[-2:]))
-            stored.add(source)
-        elif kind in ("pointwise", "cat") and all(
-                _spatial(shapes[n]) and tuple(shapes[n].shape[-2:]) == hw for n in box_inputs) and not any(
-                _spatial(shapes[n]) and modes[n] == CONST for n in inputs):
-            box = union([boxes[n] for n in box_inputs], hw, cap=cap)
-            for n in box_inputs:
-                if not boxes[n].same(box):
-                    stored.add(n)
-                    copied += box.h * box.w * _elements(shapes[n]) / math.prod(hw)
-        if box is not None and kind != "input" and (box.h, box.w) == hw:
-            box = None  # covers the whole map: nothing left to save
-        elif box is not None and cap_share is None and box.h * box.w > share * hw[0] * hw[1]:  # type: ignore[index]
-            box = None  # this node (and all after it) goes dense
-        if box is not None:
-            step.mode, step.size = BOX, (box.h, box.w)
-            boxes[node] = box
-            last_box = node if kind != "input" else last_box
-            box_convs += isinstance(module, nn.Conv2d)
-        elif step.mode == DENSE:
-            for n in box_inputs:  # rebuilt as full maps
-                stored.add(n)
-                copied += _elements(shapes[n])
-        modes[node] = step.mode
-        box_elements = None
-        if step.mode == BOX and value is not None:
-            box_elements = _elements(value) * box.h * box.w / math.prod(hw)  # type: ignore[union-attr, arg-type]
-        elif step.mode == CONST:
-            box_elements = 0.0
-        coster.add(kind, window, module, value, box_elements, copied)
-        steps.append(step)
-    return Plan(gm, steps, coster.planned / max(coster.full, 1.0),
-                None if last_box is None else module_name(last_box), box_convs, convs,
-                share if cap_share is None else None, cap_share, stored)
+    return _Planner(gm, shapes, share, cap_share).run(input_boxes)
 
 
 def plan(gm: fx.GraphModule, shapes: dict[fx.Node, Any], input_boxes: Boxes, threshold: float | None = None,

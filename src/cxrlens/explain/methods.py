@@ -553,8 +553,8 @@ def _integrated_gradients(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]
         grads, _ = ctx.input_gradients(scaled)
         total.index_add_(0, images, grads * weight.view(-1, 1, 1, 1, 1))
     attr = widen(diff.unsqueeze(1)) * total
-    ends = ctx.scores_no_grad(torch.cat([x, baseline.expand_as(x)]))
-    scores, start_scores = ends[:b], ends[b:]
+    ends = ctx.scores_no_grad(torch.cat([x, baseline]))  # a shared baseline is scored once
+    scores, start_scores = ends[:b], ends[b:].expand(b, -1)
     delta = attr.flatten(2).sum(2) - (scores - start_scores)
     return MethodResult(attr, delta=delta, scores=scores)
 
