@@ -353,8 +353,11 @@ def study(args: argparse.Namespace) -> None:
 # --- memory ------------------------------------------------------------------------------------------
 
 def rss_probe(name: str, mode: str, max_batch: int) -> None:
-    """Peak RSS (MiB) of one 512 px occlusion sweep (36 windows of the study's window), printed as one line."""
-    model, x = build(name, STUDY["size"], 1)
+    """Peak RSS (MiB) before and after one 512 px occlusion sweep (36 windows of the study's window), printed
+    as one line. (BatchNorm statistics from 224 px X-rays here, so that calibrating does not set the peak.)"""
+    torch.manual_seed(0)
+    model = trained_like(create_model(name, num_classes=3), load_xrays(224, 5)[1:])
+    x = load_xrays(STUDY["size"], 1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     attribute(model, x, TARGETS, method="occlusion", window=STUDY["window"], stride=104, max_batch=max_batch,
               incremental=mode == "exact")
@@ -364,7 +367,9 @@ def rss_probe(name: str, mode: str, max_batch: int) -> None:
 
 def rss_table(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}\n")
-    print("| model | before the sweep (MiB) | exact, max batch 16 | exact, max batch 4 | brute force, max batch 16 |")
+    print("Peak RSS in MiB (in brackets: above the process before the sweep: Python, torch, the model)\n")
+    print("| model | before the sweep | exact, max batch 16 (default) | exact, max batch 4 "
+          "| brute force, max batch 16 |")
     print("|---|---:|---:|---:|---:|")
     for name in args.models:
         cells = []
@@ -372,7 +377,7 @@ def rss_table(args: argparse.Namespace) -> None:
             out = subprocess.run([sys.executable, __file__, "--rss-probe", name, mode, str(max_batch), "--threads",
                                   str(args.threads or 1)], capture_output=True, text=True, check=True).stdout
             before, peak = (float(v) for v in out.split()[-2:])
-            cells.append(f"{peak:.0f}")
+            cells.append(f"{peak:.0f} (+{peak - before:.0f})")
         print(f"| {name} | {before:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 
