@@ -33,10 +33,15 @@ the function returns per-channel maps [N, T, C, H, W]. SmoothGrad wraps another 
 Cost: gradient methods run one forward pass and one backward pass per target (the graph is kept
 between them); Captum needs a forward and a backward per target. Occlusion runs one sweep for all
 targets, under ``torch.inference_mode``, with up to ``max_batch`` occluded images per forward pass,
-and (``incremental=True``, the default) recomputes the early layers only on a crop around each
-window where that is verified to be exact and saves work (see :mod:`cxrlens.explain.occlusion`;
-``meta["incremental_layer"]`` names the layer it cut at, None when it ran full passes, and
-``meta["occlusion_plan"]`` says why).
+and (``incremental=True``, the default) recomputes every layer only on the box around each window
+that the window can reach, as deep as that pays, where it is verified to be exact (see
+:mod:`cxrlens.explain.incremental` and :mod:`cxrlens.explain.occlusion`; ``meta["incremental_layer"]``
+names the last layer computed on boxes, None when it ran full passes, and ``meta["occlusion_plan"]``
+says why). ``approximate=True`` (never the default) sweeps one window position in 2 per axis and
+interpolates the others (``approximate=<share>``: Krypton's projective-field thresholding instead);
+``meta["approximation_error"]`` gives, per image, its error against exact outputs. Memory: the
+unoccluded image's feature maps that boxes read are kept per image, plus one batch; ``max_batch``
+bounds the batch part.
 
 Conventions follow Captum so results can be compared: ``maps`` are the per-channel attributions
 summed over channels (for occlusion, whose window covers all channels, that is C times the mean

@@ -20,6 +20,9 @@ overwritten), and (c) no operation modifies a tensor in place (hooks keep the te
 
 The copy is in eval mode, its parameters do not require gradients, and Python-level branches on
 ``self.training`` were fixed at trace time: it is meant for explaining, not for training.
+
+``explainable(model, example)`` (what ``attribute`` calls) makes the copy once per model and keeps it
+until the model's modules or weights change, so only the first explanation pays for the rewrite.
 """
 
 from __future__ import annotations
