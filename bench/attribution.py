@@ -74,15 +74,17 @@ def load_xrays(size: int, n: int) -> torch.Tensor:
 def build(name: str, size: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
     """A registry model in a trained-looking state (statistics from 4 other X-rays) and ``batch`` X-rays.
 
-    Its classifier is scaled so the logits of those X-rays lie within +-2, as a trained classifier's do
-    (InceptionV3's untrained head gives logits of +-20: sigmoid outputs saturate and every gradient
-    method's maps are ~0, which would make any two implementations look equal)."""
+    Its classifier is scaled so that its logits lie within +-2 on these X-rays and on noisy copies of the
+    explained ones (SmoothGrad's inputs), as a trained classifier's would: untrained InceptionV3 gives
+    logits of +-20 and more, its sigmoid outputs saturate and every gradient method's maps are ~0 (exactly
+    0 under SmoothGrad's noise), which would make any two implementations look equal."""
     torch.manual_seed(0)
     images = load_xrays(size, batch + 4)
     model = trained_like(create_model(name, num_classes=3), images[batch:])
+    noisy = images[:batch] + 0.15 * torch.randn(images[:batch].shape, generator=torch.Generator().manual_seed(1))
     head = model.get_classifier()
     with torch.no_grad():
-        scale = float(model(images[batch:]).abs().max()) / 2
+        scale = float(torch.cat([model(images), model(noisy)]).abs().max()) / 2
         if scale > 1:
             head.weight /= scale
             head.bias /= scale
