@@ -169,11 +169,12 @@ def our_params(method: str, name: str, args: argparse.Namespace) -> dict:
 
 
 def completeness(model: nn.Module, x: torch.Tensor, maps: torch.Tensor) -> float:
-    """Largest |sum of attributions - (f(x) - f(0))| relative to |f(x) - f(0)| (DeepLIFT's summation-to-delta)."""
+    """DeepLIFT's summation-to-delta: largest |sum of attributions - (f(x) - f(0))| over images and targets,
+    relative to the largest |f(x) - f(0)|."""
     with torch.no_grad():
         ends = torch.sigmoid(model(torch.cat([x, torch.zeros_like(x)])))[:, TARGETS]
     expected = ends[: len(x)] - ends[len(x):]
-    return float(((maps.flatten(2).sum(2) - expected).abs() / expected.abs()).max())
+    return float((maps.flatten(2).sum(2) - expected).abs().max() / expected.abs().max())
 
 
 def check(method: str, model: nn.Module, x: torch.Tensor, ours: torch.Tensor, reference: torch.Tensor) -> str:
