@@ -533,6 +533,42 @@ def test_channels_last_and_bf16_within_tolerance(resnet, x64, method: str) -> No
     assert model.conv1.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_channels_last_gives_back_the_callers_weights(resnet, x64, memory_format: torch.memory_format) -> None:
+    model = copy.deepcopy(resnet[1]).to(memory_format=memory_format)
+    weights = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    with torch.no_grad():
+        before = model(x64)
+    attribute(model, x64, TARGETS, method="saliency", channels_last=True)
+    # The very tensors the caller had, in their memory format: outputs identical to the bit.
+    assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == weights
+    with torch.no_grad():
+        assert torch.equal(model(x64), before)
+
+
+def test_rewrite_is_cached_until_the_model_changes(x64, monkeypatch) -> None:
+    import cxrlens.explain.rewrite as rewrite
+
+    rewrites = []
+    real = rewrite.make_explainable
+    monkeypatch.setattr(rewrite, "make_explainable", lambda m, e, **k: rewrites.append(1) or real(m, e, **k))
+    torch.manual_seed(0)
+    model = trained_like(create_model("resnet18", num_classes=3), xrays(64, n=6)[2:])
+    first = attribute(model, x64, TARGETS, method="guided_backprop")
+    attribute(model, x64, TARGETS, method="deeplift")
+    assert torch.equal(attribute(model, x64, TARGETS, method="guided_backprop").maps, first.maps)
+    assert len(rewrites) == 1  # the first call pays, the others reuse its copy
+    with torch.no_grad():  # an optimiser step: weights changed in place
+        model.fc.weight.mul_(-1)
+    stepped = attribute(model, x64, TARGETS, method="guided_backprop")
+    assert len(rewrites) == 2 and not torch.equal(stepped.maps, first.maps)
+    model.fc.weight = nn.Parameter(model.fc.weight.detach() * 2)  # a replaced parameter
+    replaced = attribute(model, x64, TARGETS, method="guided_backprop")
+    assert len(rewrites) == 3
+    # Equal to a rewrite made now (float32, the same operations in the same order).
+    assert torch.equal(replaced.maps, attribute(real(model, x64[:1]), x64, TARGETS, method="guided_backprop").maps)
+
+
 def test_grad_cam_default_layers(resnet, x64) -> None:
     model, explainable = resnet
     assert attribute(model, x64, [1], method="grad_cam", model_name="resnet18").meta["layer"] == "layer4"

@@ -33,10 +33,15 @@ the function returns per-channel maps [N, T, C, H, W]. SmoothGrad wraps another 
 Cost: gradient methods run one forward pass and one backward pass per target (the graph is kept
 between them); Captum needs a forward and a backward per target. Occlusion runs one sweep for all
 targets, under ``torch.inference_mode``, with up to ``max_batch`` occluded images per forward pass,
-and (``incremental=True``, the default) recomputes the early layers only on a crop around each
-window where that is verified to be exact and saves work (see :mod:`cxrlens.explain.occlusion`;
-``meta["incremental_layer"]`` names the layer it cut at, None when it ran full passes, and
-``meta["occlusion_plan"]`` says why).
+and (``incremental=True``, the default) recomputes every layer only on the box around each window
+that the window can reach, as deep as that pays, where it is verified to be exact (see
+:mod:`cxrlens.explain.incremental` and :mod:`cxrlens.explain.occlusion`; ``meta["incremental_layer"]``
+names the last layer computed on boxes, None when it ran full passes, and ``meta["occlusion_plan"]``
+says why). ``approximate=True`` (never the default) sweeps one window position in 2 per axis and
+interpolates the others (``approximate=<share>``: Krypton's projective-field thresholding instead);
+``meta["approximation_error"]`` gives, per image, its error against exact outputs. Memory: the
+unoccluded image's feature maps that boxes read are kept per image, plus one batch; ``max_batch``
+bounds the batch part.
 
 Conventions follow Captum so results can be compared: ``maps`` are the per-channel attributions
 summed over channels (for occlusion, whose window covers all channels, that is C times the mean
@@ -59,8 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrlens.errors import CxrlensError
-from cxrlens.explain.occlusion import occluded_scores, plan_occlusion, window_starts
-from cxrlens.explain.rewrite import is_explainable, make_explainable
+from cxrlens.explain.occlusion import BF16_TOLERANCE, TOLERANCE, Approximation, Runner, sweep_grid, window_starts
+from cxrlens.explain.rewrite import explainable
 from cxrlens.explain.rules import EPS, DeepLiftHooks, GuidedState, guided_relus
 from cxrlens.models import MODELS
 
@@ -137,6 +142,10 @@ class MethodContext:
         """Logits of the targets, float32 [N, T]."""
         with self.autocast(x.device):
             out = self.model(x)
+        return self.target_logits(out)
+
+    def target_logits(self, out: Any) -> torch.Tensor:
+        """The targets' columns [N, T] of the model's output, checked (at least float32)."""
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise CxrlensError(
                 f"the model must return logits of shape [batch, classes], got {type(out).__name__}"
@@ -435,12 +444,25 @@ def _check_window(p: dict[str, Any], image_size: tuple[int, int]) -> None:
         raise CxrlensError(
             f"occlusion window {wh}x{ww} is larger than the {h}x{w} image; use a window of at most {h}x{w}"
         )
+    _approximation(p["approximate"])
+
+
+def _approximation(value: Any) -> Approximation | None:
+    """None (exact), the grid approximation (True) or projective-field thresholding at a box side share."""
+    if value is False or value is None:
+        return None
+    if value is True or value == "grid":
+        return Approximation("grid")
+    if isinstance(value, (int, float)) and 0 < value < 1:
+        return Approximation("projective", threshold=float(value))
+    raise CxrlensError(f"occlusion approximate must be true (every 2nd window position, the others interpolated), "
+                       f"false, or a box side share in (0, 1) for projective-field thresholding; got {value!r}")
 
 
 @register_method(
     "occlusion",
     description="output drop when a window is replaced by the baseline, averaged over windows",
-    defaults={"window": 50, "stride": 4, "baseline": 0.0, "incremental": True},
+    defaults={"window": 50, "stride": 4, "baseline": 0.0, "incremental": True, "approximate": False},
     cost="perturbation",
     check=_check_window,
     # The study's window (50 px at 512, stride 4: ~13,000 passes) is for batch jobs; interactively a window
@@ -451,33 +473,19 @@ def _check_window(p: dict[str, Any], image_size: tuple[int, int]) -> None:
 def _occlusion(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> MethodResult:
     (wh, ww), (sh, sw) = _pair(p["window"], "window"), _pair(p["stride"], "stride")
     b, c, h, w = x.shape
-    baseline = _baseline(p["baseline"], x)
     ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
-    windows = [(y0, x0) for y0 in ys for x0 in xs]
     n_targets = len(ctx.targets)
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        return ctx.scores(ctx.prepare(batch))
-
-    attrs = []
+    runner = Runner(ctx.model, lambda out: ctx.apply_output(ctx.target_logits(out)), ctx.prepare,
+                    lambda: ctx.autocast(x.device), BF16_TOLERANCE if ctx.bf16 else TOLERANCE)
     with torch.inference_mode():
-        plan, scores, features = plan_occlusion(ctx.model, x, baseline, windows, (wh, ww), run, ctx.max_batch,
-                                                incremental=p["incremental"])
-        # How many windows cover each pixel, and the sum of the output drops of those windows, by a
-        # transposed convolution of the grid of drops with a window of ones.
-        ones = torch.ones(n_targets, 1, wh, ww, device=x.device, dtype=scores.dtype)
-        grid = torch.ones(1, 1, len(ys), len(xs), device=x.device, dtype=scores.dtype)
-        counts = F.conv_transpose2d(grid, ones[:1], stride=(sh, sw))[..., :h, :w]
-        for i in range(b):
-            base = baseline[i if baseline.shape[0] > 1 else 0]
-            cached = None if features is None else features[i: i + 1]
-            occluded = occluded_scores(plan, x[i], base, cached, windows, (wh, ww), run, ctx.max_batch)
-            grid_drops = (scores[i] - occluded).T.reshape(1, n_targets, len(ys), len(xs))
-            summed = F.conv_transpose2d(grid_drops, ones, stride=(sh, sw), groups=n_targets)[..., :h, :w]
-            attrs.append((summed / counts.clamp(min=1))[0])
-    attr = torch.stack(attrs).unsqueeze(2).expand(b, n_targets, c, h, w)
-    meta = {"n_windows": len(windows), "incremental_layer": plan.layer, "occlusion_plan": plan.reason}
-    return MethodResult(attr, scores=scores, meta=meta)
+        result = sweep_grid(runner, x, _baseline(p["baseline"], x), ys, xs, (wh, ww), ctx.max_batch,
+                            incremental=p["incremental"], approximation=_approximation(p["approximate"]))
+    attr = result.maps.to(result.scores.dtype).unsqueeze(2).expand(b, n_targets, c, h, w)
+    meta = {"n_windows": len(ys) * len(xs), "incremental_layer": result.plan.layer,
+            "occlusion_plan": result.plan.reason}
+    if result.errors is not None:  # one entry per image: errors per target, checked against exact outputs
+        meta["approximation_error"] = result.errors
+    return MethodResult(attr, scores=result.scores, meta=meta)
 
 
 # --- gradient methods ----------------------------------------------------------------------------
@@ -550,8 +558,8 @@ def _integrated_gradients(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]
         grads, _ = ctx.input_gradients(scaled)
         total.index_add_(0, images, grads * weight.view(-1, 1, 1, 1, 1))
     attr = widen(diff.unsqueeze(1)) * total
-    ends = ctx.scores_no_grad(torch.cat([x, baseline.expand_as(x)]))
-    scores, start_scores = ends[:b], ends[b:]
+    ends = ctx.scores_no_grad(torch.cat([x, baseline]))  # a shared baseline is scored once
+    scores, start_scores = ends[:b], ends[b:].expand(b, -1)
     delta = attr.flatten(2).sum(2) - (scores - start_scores)
     return MethodResult(attr, delta=delta, scores=scores)
 
@@ -765,9 +773,12 @@ def _smoothgrad(ctx: MethodContext, x: torch.Tensor, p: dict[str, Any]) -> Metho
 @contextmanager
 def _evaluating(model: nn.Module, channels_last: bool) -> Iterator[None]:
     """Eval mode, no parameter gradients (only input gradients are needed), optional channels-last;
-    the model's own settings are restored afterwards."""
+    the model's own settings come back afterwards, its weights as the very tensors they were (same
+    storage and memory format, so its outputs do not move by a rounding)."""
     modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
+    params = [(p, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     model.eval()
     model.requires_grad_(False)
     if channels_last:
@@ -777,11 +788,13 @@ def _evaluating(model: nn.Module, channels_last: bool) -> Iterator[None]:
     finally:
         for module, training in zip(model.modules(), modes, strict=True):
             module.training = training
+        if channels_last:
+            for param, data in params:
+                param.data = data
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer
         for param, flag in zip(model.parameters(), flags, strict=True):
             param.requires_grad_(flag)
-        if channels_last:
-            model.to(memory_format=torch.contiguous_format)
-
 
 
 def _check_inputs(output: str, images: Any, targets: Sequence[int] | int, max_batch: Any) -> list[int]:
@@ -816,15 +829,15 @@ def attribute(
     """Explain ``targets`` of every image in ``images`` with ``method`` (see the module docstring).
 
     Methods with backward rules (DeepLIFT, guided backprop, guided Grad-CAM) need an explainable
-    model; one that is not gets rewritten here, on every call: call ``make_explainable`` once
-    instead when explaining many batches.
+    model; one that is not is rewritten on the first such call and the copy is kept for the next
+    ones, until the model's weights or modules change (``rewrite.explainable``).
     """
     spec = get_method(method)
     spec.resolve(params)  # unknown parameters first: the most likely mistake
     target_list = _check_inputs(output, images, targets, max_batch)
     resolved = spec.check_params(params, (images.shape[-2], images.shape[-1]))
-    if spec.needs_rewrite(resolved) and not is_explainable(model):
-        model = make_explainable(model, images[:1])
+    if spec.needs_rewrite(resolved):
+        model = explainable(model, images[:1])
     started = time.perf_counter()
     ctx = MethodContext(model, target_list, output, max_batch, channels_last, autocast_bf16, model_name)
     with _evaluating(model, channels_last):

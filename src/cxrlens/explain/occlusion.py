@@ -1,77 +1,82 @@
-"""Incremental occlusion: recompute only the part of the early layers that an occluded window reaches.
+"""Occlusion sweeps: full passes, or incremental ones where they are exact and pay (an explicit plan).
 
-Occluding a window changes a CNN's early feature maps only near the window. We split the network at
-a *cut* module C (e.g. ResNet's ``layer1``): the part before C (the prefix) runs on a crop around
-the window, just large enough for its receptive field; its output is pasted into C's output for the
-unoccluded image (computed once), and the rest of the network runs on that. Both happen in one
-forward pass of the model on the batch of crops: a forward hook on C swaps the crops' small feature
-maps for the patched full-size ones.
+:func:`plan_occlusion` decides how a sweep runs and says why, in :attr:`OcclusionPlan.reason`
+("incremental up to layer ..." or "brute force, because ..."). Every step is an explicit check:
 
-Everything is measured, nothing assumed about the architecture:
+* enough windows to be worth planning (:data:`MIN_WINDOWS`);
+* the model can be traced (:func:`cxrlens.explain.incremental.trace`), and its first operation on the
+  image is local (a convolution or pooling, not a fixed-size patch embedding or a global operation);
+* the cheapest plan (see :mod:`cxrlens.explain.incremental`) saves at least 1 - :data:`MAX_COST` of the
+  work of full passes, by its cost model;
+* exactness: on three probe windows (first, centre, last) the incremental sweep's outputs equal full
+  passes' to :data:`TOLERANCE` relative, or the sweep runs full passes.
 
-* the cost share of the prefix, by counting the multiply-adds of convolutions and linear layers;
-* C's stride (input size / C's output size, which must divide exactly) and the prefix's receptive
-  radius, by sending one NaN pixel through the network and seeing where C's output turns NaN;
-* exactness: for three windows (first, centre, last) C's patched output must have the expected
-  shape and equal C's output for the whole occluded image, or the plan is dropped. A network whose
-  later layers also read the input some other way, or whose prefix has global operations
-  (squeeze-excitation, attention), fails this test or gains nothing, and is occluded the plain way.
+Errors raised while sweeping are real errors and reach the caller.
 
-Every step is an explicit check: :func:`plan_occlusion` returns an :class:`OcclusionPlan` whose
-``reason`` says which way the sweep runs and why ("incremental up to layer ..." or "brute force,
-because ..."); errors raised while sweeping are real errors and reach the caller.
-
-Crops start at multiples of the stride, so every strided layer samples the same grid as on the
-whole image, and they reach the image border wherever the receptive field does, so zero padding
-is the same too.
+Approximate mode (:class:`Approximation`, never the default) sweeps every second window position per
+axis and interpolates the others (``grid``, 4x fewer windows), or caps every box at a share of its
+map's side (``projective``: Krypton's projective-field thresholding); it measures its error against
+exact outputs on the :data:`CHECK_BLOCK` x :data:`CHECK_BLOCK` pixels at the centre of the image (every
+window covering them computed exactly), reported with the maps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from cxrlens.explain import incremental as inc
 
 MIN_WINDOWS = 32  # planning costs a few forward passes; not worth it for short sweeps
 MAX_COST = 0.85  # use a plan only when it saves at least 15 % of the work
 TOLERANCE = 1e-4  # relative: float32 sums in a different order (crop vs whole image) differ by a few ulps
-
-Run = Callable[[torch.Tensor], torch.Tensor]  # a batch -> explained outputs [N, T] (caller's dtype, layout)
+BF16_TOLERANCE = 4 * 2.0**-8  # under bfloat16 autocast: a few roundings of its 8-bit mantissa
+APPROXIMATE_THRESHOLD = 0.5  # default box side share of projective approximate mode
+CHECK_BLOCK = 8  # approximate mode is checked against exact outputs on this many pixels per side
 
 
 @dataclass
-class IncrementalPlan:
-    layer: str
-    module: nn.Module
-    stride: int
-    radius: int  # input pixels a prefix output depends on, on each side (with a safety margin)
-    cost: float  # estimated work relative to full forward passes
-    out_size: tuple[int, int]  # C's output height and width on the whole image
+class Runner:
+    """How the explained outputs of a batch are computed: ``prepare`` (memory format), ``context``
+    (autocast or nothing), the ``model`` and ``head`` (model output -> explained outputs [N, T])."""
+
+    model: nn.Module
+    head: Callable[[Any], torch.Tensor]
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    context: Callable[[], AbstractContextManager] = nullcontext
+    tolerance: float = TOLERANCE
+
+    def full(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.context():
+            out = self.model(self.prepare(batch))
+        return self.head(out)
 
 
 @dataclass
 class OcclusionPlan:
-    """How a sweep runs: ``cut`` is the verified incremental plan, or None for full forward passes;
-    ``reason`` says why, for the method's metadata."""
+    """How a sweep runs: ``incremental`` is the verified plan, or None for full passes; ``reason`` says why,
+    for the method's metadata. With ``approximate``, that plan runs and ``incremental`` (if any) is the
+    exact one its error is measured against."""
 
-    cut: IncrementalPlan | None
+    incremental: inc.Plan | None
     reason: str
+    approximate: inc.Plan | None = None
+    seconds: float = 0.0  # spent planning (tracing, one pass for shapes, checking the probe windows)
+    cpu_seconds: float = 0.0  # the same in CPU time of this process
 
     @property
     def layer(self) -> str | None:
-        return None if self.cut is None else self.cut.layer
-
-
-@dataclass
-class _Crop:
-    rows: tuple[int, int]  # input crop [start, stop)
-    cols: tuple[int, int]
-    out_rows: tuple[int, int]  # C's output region to replace [start, stop)
-    out_cols: tuple[int, int]
+        chosen = self.approximate or self.incremental
+        return None if chosen is None else chosen.last_box
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -80,277 +85,279 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
 
 
-def occluded_copy(image: torch.Tensor, base: torch.Tensor, window: tuple[int, int], size: tuple[int, int],
-                  rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
-    """``image`` [C, H, W] (or its crop ``rows`` x ``cols``) with the window at ``window`` (top-left corner,
-    image coordinates) of ``size`` replaced by ``base`` [C, H, W]; the window is clipped to the crop."""
+def occluded_copy(image: torch.Tensor, base: torch.Tensor, window: tuple[int, int],
+                  size: tuple[int, int]) -> torch.Tensor:
+    """``image`` [C, H, W] with the window at ``window`` (top-left corner) of ``size`` replaced by ``base``."""
     (y0, x0), (wh, ww) = window, size
-    r0, r1 = rows if rows is not None else (0, image.shape[-2])
-    c0, c1 = cols if cols is not None else (0, image.shape[-1])
-    out = image[:, r0:r1, c0:c1].clone()
-    top, bottom, left, right = max(y0, r0), min(y0 + wh, r1), max(x0, c0), min(x0 + ww, c1)
-    if top < bottom and left < right:
-        out[:, top - r0: bottom - r0, left - c0: right - c0] = base[:, top:bottom, left:right]
+    out = image.clone()
+    out[:, y0: y0 + wh, x0: x0 + ww] = base[:, y0: y0 + wh, x0: x0 + ww]
     return out
 
 
-def _span(start: int, stop: int, size: int, out_size: int, stride: int, radius: int) -> tuple[int, int, int, int]:
-    """Input crop and C-output region for a window covering [start, stop) of one image side."""
-    out_start = max(0, math.floor((start - radius) / stride))
-    out_stop = min(out_size, math.floor((stop - 1 + radius) / stride) + 1)
-    crop_start = max(0, (out_start * stride - radius) // stride * stride)  # a multiple of the stride
-    crop_stop = min(size, out_stop * stride + radius)
-    return crop_start, crop_stop, out_start, out_stop
-
-
-def crop_for(plan: IncrementalPlan, y0: int, x0: int, wh: int, ww: int, h: int, w: int) -> _Crop:
-    r0, r1, o0, o1 = _span(y0, min(y0 + wh, h), h, plan.out_size[0], plan.stride, plan.radius)
-    c0, c1, p0, p1 = _span(x0, min(x0 + ww, w), w, plan.out_size[1], plan.stride, plan.radius)
-    return _Crop((r0, r1), (c0, c1), (o0, o1), (p0, p1))
-
-
-@contextmanager
-def _hooks(pairs: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    handles = [module.register_forward_hook(fn) for module, fn in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules at most two levels deep: the stages a network is usually built from."""
-    return {name: m for name, m in model.named_modules() if name and name.count(".") <= 1}
-
-
-@dataclass
-class _Profile:
-    """One forward pass, measured: the work done when each candidate finishes, its output shape, how
-    often it ran, and (on a second pass) where a NaN in the centre pixel reaches in its output."""
-
-    total: int
-    finished: dict[str, tuple[int, torch.Size]]
-    calls: dict[str, int]
-    nan_box: dict[str, tuple[int, int, int, int]]
-
-
-def _profile(model: nn.Module, image: torch.Tensor, run: Run) -> _Profile:
-    candidates = _candidates(model)
-    macs = [0]
-    finished: dict[str, tuple[int, torch.Size]] = {}
-    calls: dict[str, int] = {}
-    nan_box: dict[str, tuple[int, int, int, int]] = {}
-
-    def count(module: nn.Module, args: tuple, out: object) -> None:
-        if isinstance(module, nn.Conv2d) and isinstance(out, torch.Tensor):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            macs[0] += out.numel() * k
-        elif isinstance(module, nn.Linear) and isinstance(out, torch.Tensor):
-            macs[0] += out.numel() * module.in_features
-
-    def finish(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, out: object) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and name not in finished:
-                finished[name] = (macs[0], out.shape)
-        return hook
-
-    def probe(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, out: object) -> None:
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and name not in nan_box:
-                bad = out[0].isnan().any(0)
-                rows, cols = bad.any(1).nonzero().flatten(), bad.any(0).nonzero().flatten()
-                if len(rows):
-                    nan_box[name] = (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max()))
-        return hook
-
-    counted = [(m, count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with _hooks(counted + [(m, finish(name)) for name, m in candidates.items()]):
-        run(image)
-    h, w = image.shape[-2:]
-    probe_image = image.clone()
-    probe_image[..., h // 2, w // 2] = float("nan")
-    with _hooks([(m, probe(name)) for name, m in candidates.items()]):
-        run(probe_image)
-    return _Profile(macs[0], finished, calls, nan_box)
-
-
-def best_cut(model: nn.Module, image: torch.Tensor, window: tuple[int, int], run: Run) -> OcclusionPlan:
-    """The cut that saves most work for windows of size ``window`` on ``image`` [1, C, H, W] (not yet
-    verified), or no cut with the reason."""
-    h, w = image.shape[-2:]
-    profile = _profile(model, image, run)
-    if profile.total == 0:
-        return OcclusionPlan(None, "brute force, because the model has no convolutional or linear layers")
-    modules = _candidates(model)
-    best: IncrementalPlan | None = None
-    for name, (done, shape) in profile.finished.items():
-        out_h, out_w = shape[-2:]
-        # A cut must run once per pass, be reached by the centre pixel, and sample the image on a square grid.
-        if profile.calls.get(name) != 1 or name not in profile.nan_box:
-            continue
-        if out_h < 2 or h % out_h or w % out_w or h // out_h != w // out_w:
-            continue
-        stride = h // out_h
-        r0, r1, c0, c1 = profile.nan_box[name]
-        reach = max(h // 2 - r0 * stride, (r1 + 1) * stride - 1 - h // 2,
-                    w // 2 - c0 * stride, (c1 + 1) * stride - 1 - w // 2)
-        plan = IncrementalPlan(name, modules[name], stride, reach + stride, 1.0, (out_h, out_w))
-        crop = crop_for(plan, (h - window[0]) // 2, (w - window[1]) // 2, window[0], window[1], h, w)
-        area = (crop.rows[1] - crop.rows[0]) * (crop.cols[1] - crop.cols[0]) / (h * w)
-        share = done / profile.total
-        plan.cost = share * area + (1 - share)
-        if best is None or plan.cost < best.cost:
-            best = plan
-    if best is None:
-        return OcclusionPlan(None, "brute force, because no stage's output grid divides the image evenly")
-    if best.cost > MAX_COST:
-        return OcclusionPlan(None, f"brute force, because the best cut ({best.layer}) would still cost "
-                                   f"{best.cost:.0%} of full passes")
-    return OcclusionPlan(best, f"incremental up to layer {best.layer} (about {best.cost:.0%} of full passes)")
-
-
-def _region_mismatch(out: torch.Tensor, crops: list[_Crop], stride: int) -> str | None:
-    """Why C's output ``out`` on a batch of ``crops`` cannot be pasted, or None when every region fits."""
-    for c in crops:
-        oy, ox = c.rows[0] // stride, c.cols[0] // stride
-        need = (c.out_rows[1] - oy, c.out_cols[1] - ox)
-        if out.dim() != 4 or out.shape[-2] < need[0] or out.shape[-1] < need[1]:
-            return (f"its output on a {c.rows[1] - c.rows[0]}x{c.cols[1] - c.cols[0]} crop is "
-                    f"{list(out.shape[-2:])}, smaller than the {list(need)} needed")
-    return None
-
-
-def _patcher(plan: IncrementalPlan, cached: torch.Tensor, crops: list[_Crop]) -> Callable:
-    """A forward hook on C that swaps the crops' small feature maps for the patched full-size ones."""
-    def patch(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        problem = _region_mismatch(out, crops, plan.stride)
-        if problem is not None:  # verified for this geometry before the sweep: a broken invariant, a bug
-            raise RuntimeError(f"incremental occlusion at '{plan.layer}': {problem}")
-        patched = cached.expand(len(crops), *cached.shape[1:]).clone()
-        for j, c in enumerate(crops):
-            oy, ox = c.rows[0] // plan.stride, c.cols[0] // plan.stride
-            (a, b), (d, e) = c.out_rows, c.out_cols
-            patched[j, :, a:b, d:e] = out[j, :, a - oy: b - oy, d - ox: e - ox]
-        return patched
-    return patch
-
-
-def _crop_batch(image: torch.Tensor, base: torch.Tensor, windows: list[tuple[int, int]], crops: list[_Crop],
-                size: tuple[int, int]) -> torch.Tensor:
-    return torch.stack([occluded_copy(image, base, win, size, c.rows, c.cols) for win, c in zip(windows, crops,
-                                                                                                  strict=True)])
-
-
-def _crop_trial(cut: IncrementalPlan, cached: torch.Tensor, crop_image: torch.Tensor, crop: _Crop,
-                run: Run) -> tuple[torch.Tensor | None, str | None]:
-    """C's raw output on one crop [1, C, h, w], or why the layers before C cannot take crops.
-
-    The rest of the pass runs on C's patched (full-size) map, as in the sweep. Only a failure *before* C
-    (a prefix that accepts one input size only) means "no cut"; any later error is real and propagates."""
-    seen: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        seen.append(out)
-        if _region_mismatch(out, [crop], cut.stride) is not None:  # reported by the caller
-            return cached.clone()
-        return _patcher(cut, cached, [crop])(module, args, out)
-
-    with _hooks([(cut.module, hook)]):
-        try:
-            run(crop_image)
-        except Exception as exc:  # noqa: BLE001 - re-raised unless it happened before C ran
-            if seen:
-                raise
-            return None, f"the layers before {cut.layer} do not accept a crop ({type(exc).__name__}: {exc})"
-    return seen[0], None
-
-
-def verify(plan: OcclusionPlan, image: torch.Tensor, base: torch.Tensor, cached: torch.Tensor,
-           windows: list[tuple[int, int]], size: tuple[int, int], run: Run) -> OcclusionPlan:
-    """Check the cut on ``windows`` of ``image`` [C, H, W]: C's patched output must fit and equal C's output
-    on the whole occluded image. Returns the plan, or a brute-force plan that says why not."""
-    cut = plan.cut
-    if cut is None:
-        return plan
-    h, w = image.shape[-2:]
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        seen["out"] = out
-
-    for window in windows:  # one at a time: their crops differ in size
-        crop = crop_for(cut, window[0], window[1], size[0], size[1], h, w)
-        with _hooks([(cut.module, keep)]):
-            run(occluded_copy(image, base, window, size)[None])
-        expected = seen["out"].float()
-        out, problem = _crop_trial(cut, cached, _crop_batch(image, base, [window], [crop], size), crop, run)
-        if out is not None:
-            problem = _region_mismatch(out, [crop], cut.stride)
-        if problem is not None:
-            return OcclusionPlan(None, f"brute force, because layer {cut.layer} cannot be cut: {problem}")
-        actual = _patcher(cut, cached, [crop])(cut.module, (), out).float()
-        scale = expected.abs().max().item()
-        error = (actual - expected).abs().max().item()
-        if not error <= TOLERANCE * scale + 1e-6:
-            return OcclusionPlan(None, f"brute force, because cutting at layer {cut.layer} is off by {error:.3g} "
-                                       f"(scale {scale:.3g}) for the window at {window}")
-    return plan
-
-
 def probe_windows(windows: list[tuple[int, int]], h: int, w: int) -> list[tuple[int, int]]:
-    """The first, the last and the most central window: the crops at both corners and in the middle."""
+    """The first, the last and the most central window: the boxes at both corners and in the middle."""
     centre = min(windows, key=lambda win: abs(2 * win[0] - h) + abs(2 * win[1] - w))
     return list(dict.fromkeys([windows[0], centre, windows[-1]]))
 
 
-def occluded_scores(plan: OcclusionPlan, image: torch.Tensor, base: torch.Tensor, cached: torch.Tensor | None,
-                    windows: list[tuple[int, int]], size: tuple[int, int], run: Run,
-                    max_batch: int) -> torch.Tensor:
-    """Scores [len(windows), T] of ``image`` [C, H, W] with each window replaced by ``base``: full passes,
-    or (with a cut) passes on crops whose C output is pasted into ``cached``, C's output on the unoccluded
-    image [1, C', h', w']."""
-    cut = plan.cut
-    if cut is None:
-        return torch.cat([run(torch.stack([occluded_copy(image, base, win, size) for win in windows[i: i + max_batch]]))
-                          for i in range(0, len(windows), max_batch)])
+def full_scores(runner: Runner, image: torch.Tensor, base: torch.Tensor, windows: list[tuple[int, int]],
+                size: tuple[int, int], max_batch: int) -> torch.Tensor:
+    """Scores [len(windows), T] of ``image`` [C, H, W] with each window replaced by ``base``, by full passes."""
+    batches = [windows[i: i + max_batch] for i in range(0, len(windows), max_batch)]
+    return torch.cat([runner.full(torch.stack([occluded_copy(image, base, win, size) for win in batch]))
+                      for batch in batches])
+
+
+def _describe(p: inc.Plan) -> str:
+    return (f"incremental up to layer {p.last_box} (about {p.cost:.0%} of full passes; "
+            f"{p.box_convs} of {p.convs} convolutions on boxes)")
+
+
+def _traced(runner: Runner, image: torch.Tensor, windows: list[tuple[int, int]], size: tuple[int, int],
+            threshold: float | None) -> tuple[inc.Plan | None, inc.Plan | None, str | None]:
+    """The exact plan and (with ``threshold``) the approximate one, or why there is none."""
+    try:
+        gm, opaque = inc.trace(runner.model)
+    except Exception as exc:  # noqa: BLE001 - untraceable root code: full passes, with the reason
+        return None, None, f"the model cannot be traced ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    shapes = inc.shapes_of(gm, runner.prepare(image), runner.context)
+    boxes = inc.input_boxes(windows, size, tuple(image.shape[-2:]), per_axis=True)
+    exact = inc.plan(gm, shapes, boxes)
+    approximate = None if threshold is None else inc.plan(gm, shapes, boxes, threshold)
+    first = next((s for s in exact.steps if s.kind != "input" and s.mode != inc.CONST), None)
+    if exact.last_box is None:
+        name = None if first is None else inc.module_name(first.node)
+        if name in opaque:
+            return None, None, f"layer {name}, the first on the image, cannot be traced ({opaque[name]})"
+        return None, None, f"the first operation on the image (layer {name}) is not a known local one"
+    return exact, approximate, None
+
+
+def _verify(runner: Runner, p: inc.Plan, image: torch.Tensor, base: torch.Tensor, windows: list[tuple[int, int]],
+            size: tuple[int, int]) -> str | None:
+    """Why the incremental sweep is not exact on the probe windows, or None."""
     h, w = image.shape[-2:]
-    crops = [crop_for(cut, y0, x0, size[0], size[1], h, w) for y0, x0 in windows]
-    # Windows whose crops have the same size share batches.
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, c in enumerate(crops):
-        groups.setdefault((c.rows[1] - c.rows[0], c.cols[1] - c.cols[0]), []).append(i)
-    scores: list[torch.Tensor | None] = [None] * len(windows)
-    for indices in groups.values():
-        for start in range(0, len(indices), max_batch):
-            chunk = indices[start: start + max_batch]
-            chunk_crops = [crops[i] for i in chunk]
-            with _hooks([(cut.module, _patcher(cut, cached, chunk_crops))]):
-                result = run(_crop_batch(image, base, [windows[i] for i in chunk], chunk_crops, size))
-            for j, i in enumerate(chunk):
-                scores[i] = result[j]
-    return torch.stack(scores)  # type: ignore[arg-type]
+    probes = probe_windows(windows, h, w)
+    expected = full_scores(runner, image[0], base[0], probes, size, len(probes))
+    actual = sweep_scores(runner, p, image, base, probes, size, len(probes))
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    if not error <= runner.tolerance * scale + 1e-6:
+        return (f"the incremental sweep ({_describe(p)}) is off by {error:.3g} (scale {scale:.3g}) on the probe "
+                f"windows {probes}")
+    return None
 
 
-def plan_occlusion(model: nn.Module, images: torch.Tensor, baseline: torch.Tensor,
-                   windows: list[tuple[int, int]], size: tuple[int, int], run: Run, max_batch: int,
-                   incremental: bool = True) -> tuple[OcclusionPlan, torch.Tensor, torch.Tensor | None]:
+def plan_occlusion(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, windows: list[tuple[int, int]],
+                   size: tuple[int, int], max_batch: int, incremental: bool = True,
+                   approximate: float | None = None) -> tuple[OcclusionPlan, torch.Tensor]:
     """Decide how to sweep ``images`` [B, C, H, W] (explicit checks, each with its reason) and score the
-    unoccluded images. Returns the plan, the scores [B, T] and, with a cut, C's outputs [B, C', h', w']."""
+    unoccluded images: returns the plan and the scores [B, T]."""
+    scores = torch.cat([runner.full(chunk) for chunk in images.split(max_batch)])
+    started, started_cpu = time.perf_counter(), time.process_time()
+    plan = _decide(runner, images, baseline, windows, size, incremental, approximate)
+    plan.seconds, plan.cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+    return plan, scores
+
+
+def _decide(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, windows: list[tuple[int, int]],
+            size: tuple[int, int], incremental: bool, approximate: float | None) -> OcclusionPlan:
     if not incremental:
-        plan = OcclusionPlan(None, "brute force, because incremental=False")
-    elif len(windows) < MIN_WINDOWS:
-        plan = OcclusionPlan(None, f"brute force, because {len(windows)} windows are too few to plan for "
+        return OcclusionPlan(None, "brute force, because incremental=False")
+    if len(windows) < MIN_WINDOWS:
+        return OcclusionPlan(None, f"brute force, because {len(windows)} windows are too few to plan for "
                                    f"(at least {MIN_WINDOWS})")
-    else:
-        plan = best_cut(model, images[:1], size, run)
-    if plan.cut is None:
-        return plan, torch.cat([run(chunk) for chunk in images.split(max_batch)]), None
-    kept: list[torch.Tensor] = []
-    with _hooks([(plan.cut.module, lambda m, a, out: kept.append(out))]):
-        scores = torch.cat([run(chunk) for chunk in images.split(max_batch)])
-    features = torch.cat(kept)
-    h, w = images.shape[-2:]
-    plan = verify(plan, images[0], baseline[0], features[:1], probe_windows(windows, h, w), size, run)
-    return plan, scores, features if plan.cut is not None else None
+    exact, approx, problem = _traced(runner, images[:1], windows, size, approximate)
+    if problem is not None:
+        return OcclusionPlan(None, f"brute force, because {problem}")
+    assert exact is not None
+    if approx is not None:  # the exact plan, where it pays and is exact, gives the reference outputs
+        usable = exact.cost <= MAX_COST and _verify(runner, exact, images[:1], baseline[:1], windows, size) is None
+        return OcclusionPlan(exact if usable else None, _describe(approx), approx)
+    if exact.cost > MAX_COST:
+        return OcclusionPlan(None, f"brute force, because the best plan ({_describe(exact)}) saves too little "
+                                   f"(at most {MAX_COST:.0%} of full passes)")
+    problem = _verify(runner, exact, images[:1], baseline[:1], windows, size)
+    if problem is not None:
+        return OcclusionPlan(None, f"brute force, because {problem}")
+    return OcclusionPlan(exact, _describe(exact))
+
+
+def _keep(plans: list[inc.Plan]) -> Callable[[Any], bool]:
+    needed: set = set()
+    for p in plans:
+        needed |= p.stored | {s.node for s in p.steps if s.mode == inc.CONST}
+    return needed.__contains__
+
+
+def sweep_scores(runner: Runner, p: inc.Plan, image: torch.Tensor, base: torch.Tensor,
+                 windows: list[tuple[int, int]], size: tuple[int, int], max_batch: int,
+                 stored: dict | None = None) -> torch.Tensor:
+    """Scores [len(windows), T] of ``image`` [1, C, H, W] occluded by ``base`` [1, C, H, W] at each
+    window, by the incremental plan ``p``."""
+    prepared = runner.prepare(image)
+    if stored is None:
+        stored, _ = inc.store(p.gm, prepared, _keep([p]), runner.context)
+    sweep = inc.Sweep(p, stored, prepared, runner.prepare(base), size, runner.context)
+    return torch.cat([runner.head(sweep.run(windows[i: i + max_batch])) for i in range(0, len(windows), max_batch)])
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """Approximate mode. ``grid``: sweep every ``factor``-th window position along each axis (and the last)
+    and interpolate the output drops of the others linearly; ``projective``: every box at most
+    ``threshold`` of its map's side (Krypton's projective-field thresholding)."""
+
+    kind: str = "grid"
+    factor: int = 2
+    threshold: float = APPROXIMATE_THRESHOLD
+
+    def describe(self, swept: int, total: int) -> str:
+        if self.kind == "grid":
+            return (f"approximate: one window position in {self.factor} per axis swept ({swept} of {total} "
+                    "windows), the others interpolated")
+        return f"approximate: boxes at most {self.threshold:.0%} of each side"
+
+
+@dataclass
+class GridSweep:
+    """An occlusion sweep over a grid of window positions: ``plan`` (how it ran), ``scores`` [B, T] of the
+    unoccluded images, ``drops`` [B, T, rows, cols] (output drop per window), ``maps`` [B, T, H, W]
+    (each pixel's mean drop over the windows covering it) and, in approximate mode, per image its
+    error measured against exact outputs."""
+
+    plan: OcclusionPlan
+    scores: torch.Tensor
+    drops: torch.Tensor
+    maps: torch.Tensor
+    errors: list[dict[str, Any]] | None = None
+    check_cpu_seconds: float = 0.0  # CPU time spent measuring approximate mode's error
+
+
+def coarse(starts: list[int], factor: int) -> list[int]:
+    """Every ``factor``-th position and the last one."""
+    return sorted(set(starts[::factor]) | {starts[-1]})
+
+
+def interpolation(fine: list[int], swept: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Weights [len(fine), len(swept)] of linear interpolation between swept positions (pixels)."""
+    weights = torch.zeros(len(fine), len(swept), dtype=dtype)
+    for i, position in enumerate(fine):
+        j = min(int(np.searchsorted(swept, position, side="right")) - 1, len(swept) - 1)
+        if swept[j] == position or j == len(swept) - 1:
+            weights[i, j] = 1.0
+        else:
+            t = (position - swept[j]) / (swept[j + 1] - swept[j])
+            weights[i, j], weights[i, j + 1] = 1 - t, t
+    return weights
+
+
+def average_map(drops: torch.Tensor, ys: list[int], xs: list[int], size: tuple[int, int],
+                hw: tuple[int, int]) -> torch.Tensor:
+    """Maps [T, H, W]: each pixel's mean output drop over the windows of ``size`` (regularly spaced at ``ys`` x
+    ``xs``) that cover it, from ``drops`` [T, len(ys), len(xs)]; by transposed convolutions of the grid of
+    drops and of ones with a window of ones."""
+    (wh, ww), n_targets = size, drops.shape[0]
+    stride = (ys[1] - ys[0] if len(ys) > 1 else 1, xs[1] - xs[0] if len(xs) > 1 else 1)
+    ones = torch.ones(n_targets, 1, wh, ww, dtype=drops.dtype, device=drops.device)
+    summed = F.conv_transpose2d(drops[None], ones, stride=stride, groups=n_targets)[0]
+    counts = F.conv_transpose2d(torch.ones_like(drops[:1])[None], ones[:1], stride=stride)[0]
+    out = drops.new_zeros(n_targets, *hw)
+    region = out[:, ys[0]:, xs[0]:]
+    h, w = min(region.shape[1], summed.shape[1]), min(region.shape[2], summed.shape[2])
+    region[:, :h, :w] = summed[:, :h, :w] / counts[:, :h, :w].clamp(min=1)
+    return out
+
+
+def _image_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base: torch.Tensor,
+                  windows: list[tuple[int, int]], size: tuple[int, int],
+                  max_batch: int) -> tuple[torch.Tensor, dict | None]:
+    """Scores [len(windows), T] of ``image`` [C, H, W] occluded by ``base`` [C, H, W] as the plan says, and the
+    stored maps an exact incremental sweep of the same image can reuse."""
+    chosen = plan.approximate or plan.incremental
+    if chosen is None:
+        return full_scores(runner, image, base, windows, size, max_batch), None
+    plans = [p for p in (plan.approximate, plan.incremental) if p is not None]
+    stored, _ = inc.store(chosen.gm, runner.prepare(image[None]), _keep(plans), runner.context)
+    return sweep_scores(runner, chosen, image[None], base[None], windows, size, max_batch, stored), stored
+
+
+def _exact_scores(plan: OcclusionPlan, runner: Runner, image: torch.Tensor, base: torch.Tensor,
+                  windows: list[tuple[int, int]], size: tuple[int, int], max_batch: int,
+                  stored: dict | None) -> torch.Tensor:
+    if plan.incremental is not None and stored is not None:
+        return sweep_scores(runner, plan.incremental, image[None], base[None], windows, size, max_batch, stored)
+    return full_scores(runner, image, base, windows, size, max_batch)
+
+
+def check_region(ys: list[int], xs: list[int], size: tuple[int, int],
+                 hw: tuple[int, int]) -> tuple[tuple[int, int, int, int], list[tuple[int, int]]]:
+    """The :data:`CHECK_BLOCK` x :data:`CHECK_BLOCK` pixels [top, bottom, left, right) at the centre of the swept
+    area, and the grid indices (row, column) of every window that covers one of them."""
+    box = []
+    for starts, extent, side in ((ys, size[0], hw[0]), (xs, size[1], hw[1])):
+        low, high = starts[0], min(starts[-1] + extent, side)
+        centre = (low + high) // 2
+        box += [max(low, centre - CHECK_BLOCK // 2), min(high, centre + CHECK_BLOCK // 2)]
+    top, bottom, left, right = box
+    rows = [i for i, y0 in enumerate(ys) if y0 < bottom and y0 + size[0] > top]
+    cols = [j for j, x0 in enumerate(xs) if x0 < right and x0 + size[1] > left]
+    return (top, bottom, left, right), [(i, j) for i in rows for j in cols]
+
+
+def _measure_error(approximate: torch.Tensor, exact_at: Callable[[list[tuple[int, int]]], torch.Tensor],
+                   swept: set[tuple[int, int]], ys: list[int], xs: list[int], size: tuple[int, int],
+                   hw: tuple[int, int]) -> dict[str, Any]:
+    """Approximate mode against exact outputs on the pixels of :func:`check_region`: ``approximate`` drops
+    [T, len(ys), len(xs)], ``exact_at(windows)`` their exact drops [len(windows), T]; windows in ``swept``
+    were computed exactly already."""
+    (top, bottom, left, right), covering = check_region(ys, xs, size, hw)
+    todo = [(i, j) for i, j in covering if (ys[i], xs[j]) not in swept]
+    exact = approximate.clone()
+    if todo:
+        values = exact_at([(ys[i], xs[j]) for i, j in todo]).T  # [T, len(todo)]
+        exact[:, [i for i, _ in todo], [j for _, j in todo]] = values.to(exact.dtype)
+    window_error = (approximate - exact).abs().flatten(1).max(1).values
+    approximate_map = average_map(approximate, ys, xs, size, hw)
+    error_map = (approximate_map - average_map(exact, ys, xs, size, hw))[:, top:bottom, left:right]
+    map_error = error_map.abs().flatten(1).max(1).values
+    largest = approximate_map.abs().flatten(1).max(1).values.clamp(min=1e-30)
+    return {"checked_pixels": [top, bottom, left, right], "windows_checked": len(todo),
+            "window_error": window_error.tolist(), "map_error": map_error.tolist(),
+            "map_error_relative": (map_error / largest).tolist()}
+
+
+def sweep_grid(runner: Runner, images: torch.Tensor, baseline: torch.Tensor, ys: list[int], xs: list[int],
+               size: tuple[int, int], max_batch: int, incremental: bool = True,
+               approximation: Approximation | None = None) -> GridSweep:
+    """Occlusion of ``images`` [B, C, H, W] by windows of ``size`` at every (y, x) of ``ys`` x ``xs`` (regularly
+    spaced), replaced by ``baseline`` [1 or B, C, H, W]. Approximate mode measures its error against exact
+    outputs on the :data:`CHECK_BLOCK` x :data:`CHECK_BLOCK` pixels at the centre (all windows covering them)."""
+    grid = approximation is not None and approximation.kind == "grid"
+    swept_ys, swept_xs = (coarse(ys, approximation.factor), coarse(xs, approximation.factor)) if grid else (ys, xs)
+    windows = [(y0, x0) for y0 in swept_ys for x0 in swept_xs]
+    threshold = approximation.threshold if approximation is not None and not grid else None
+    plan, scores = plan_occlusion(runner, images, baseline, windows, size, max_batch, incremental, threshold)
+    if approximation is not None:
+        plan.reason = f"{approximation.describe(len(windows), len(ys) * len(xs))}; {plan.reason}"
+    rows, cols = interpolation(ys, swept_ys, scores.dtype), interpolation(xs, swept_xs, scores.dtype)
+    hw = (images.shape[-2], images.shape[-1])
+    drops, maps, errors, check_seconds = [], [], [], 0.0
+    for i in range(images.shape[0]):
+        base = baseline[i if baseline.shape[0] > 1 else 0]
+        occluded, stored = _image_scores(plan, runner, images[i], base, windows, size, max_batch)
+        image_drops = (scores[i] - occluded).T.reshape(-1, len(swept_ys), len(swept_xs))
+        if grid:
+            image_drops = rows @ image_drops @ cols.T
+        drops.append(image_drops)
+        maps.append(average_map(image_drops, ys, xs, size, hw))
+        if approximation is not None:
+            def exact_at(chosen: list[tuple[int, int]], i: int = i, base: torch.Tensor = base,
+                         stored: dict | None = stored) -> torch.Tensor:
+                return scores[i] - _exact_scores(plan, runner, images[i], base, chosen, size, max_batch, stored)
+
+            started = time.process_time()
+            errors.append(_measure_error(image_drops, exact_at, set(windows) if grid else set(), ys, xs, size, hw))
+            check_seconds += time.process_time() - started
+    return GridSweep(plan, scores, torch.stack(drops), torch.stack(maps), errors if approximation is not None else None,
+                     check_seconds)

@@ -20,14 +20,19 @@ overwritten), and (c) no operation modifies a tensor in place (hooks keep the te
 
 The copy is in eval mode, its parameters do not require gradients, and Python-level branches on
 ``self.training`` were fixed at trace time: it is meant for explaining, not for training.
+
+``explainable(model, example)`` (what ``attribute`` calls) makes the copy once per model and keeps it
+until the model's modules or weights change, so only the first explanation pays for the rewrite.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -490,3 +495,34 @@ def make_explainable(
         )
     setattr(explainable, _EXPLAINABLE_FLAG, True)
     return explainable
+
+
+# --- cached rewrite ---------------------------------------------------------------------------------
+
+_REWRITTEN: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _state_key(model: nn.Module, example: torch.Tensor) -> tuple:
+    """What the rewrite depends on: the module tree, each parameter and buffer (object, storage, version, dtype,
+    device, shape: a training step, ``load_state_dict``, ``.to()`` or a swapped parameter changes it) and the
+    example's shape, dtype and device."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return (
+        tuple(id(m) for m in model.modules()),
+        tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors),
+        (tuple(example.shape[1:]), example.dtype, example.device),
+    )
+
+
+def explainable(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """:func:`make_explainable` once per model: later calls get the same copy until the model's modules or
+    weights change (then it is rewritten again). An explainable model is returned as it is."""
+    if is_explainable(model):
+        return model
+    key = _state_key(model, example)
+    cached = _REWRITTEN.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    rewritten = make_explainable(model, example)
+    _REWRITTEN[model] = (_state_key(model, example), rewritten)
+    return rewritten

@@ -69,21 +69,19 @@ class GuidedState:
 
 @contextmanager
 def guided_relus(model: nn.Module, state: GuidedState | None = None) -> Iterator[GuidedState]:
-    """Guided Backprop: a ReLU passes back only positive gradients, and only where its input > 0."""
+    """Guided Backprop: a ReLU passes back only positive gradients, and only where its input > 0.
+
+    The ReLU's own backward keeps the gradient where its input > 0; a hook on its output clamps the
+    incoming gradient at zero first, so the rule costs one clamp per ReLU and backward pass (no mask
+    kept from the forward pass, no Python autograd function)."""
     state = state or GuidedState()
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return output
-        active = x > 0
+    def positive(grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(min=0) if state.guided else grad
 
-        def rule(grad: torch.Tensor) -> torch.Tensor:
-            if state.guided:
-                grad = grad.clamp(min=0)
-            return grad * active
-
-        return _replace_backward(x, output, rule)
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and output.requires_grad:
+            output.register_hook(positive)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
     try:
