@@ -91,7 +91,8 @@ def test_explain_images_writes_maps_figures_and_summary(tmp_path: Path) -> None:
     # u = 6e-8 is 8e-4 of the sum of |attributions| (the channel-summed map's is a lower bound on it).
     deeplift_b = np.load(tmp_path / "maps" / "b.jpg" / "resnet18" / "deeplift.npy")
     assert abs(entry["methods"]["deeplift"]["delta"]["b.jpg"]["No Finding"]) <= 8e-4 * np.abs(deeplift_b[1]).sum()
-    assert entry["methods"]["occlusion"]["params"] == {"window": 32, "stride": 16, "baseline": 0.0, "incremental": True}
+    assert entry["methods"]["occlusion"]["params"] == {
+        "window": 32, "stride": 16, "baseline": 0.0, "incremental": True, "approximate": False}
     maps = np.load(tmp_path / "maps" / "a.jpg" / "resnet18" / "deeplift.npy")
     assert maps.shape == (2, 64, 64) and maps.dtype == np.float32
     assert (tmp_path / "overlays" / "b.jpg" / "resnet18" / "saliency__No_Finding.png").is_file()
