@@ -15,6 +15,7 @@ import torch
 from conftest import CXR3, XRAY, run_cli
 from torch import nn
 
+from cxrlens.errors import CxrlensError
 from cxrlens.explain import METHODS, ExplainConfig, MethodContext, MethodResult, UiParam, attribute, register_method
 from cxrlens.explain.rules import guided_relus
 from cxrlens.models import MODELS, create_model, register_model
@@ -78,6 +79,17 @@ def toy_run(toy_registry, tmp_path_factory) -> Path:
     return train(config, progress=False)
 
 
+def test_a_taken_method_name_is_refused_unless_replaced(toy_registry) -> None:
+    register = register_method(TOY_METHOD, description="another", defaults={"power": 1.0, "guided": False})
+    with pytest.raises(CxrlensError, match=f"an attribution method '{TOY_METHOD}' is already registered"):
+        register(toy_gradient_power)
+    original = METHODS[TOY_METHOD]
+    register_method(TOY_METHOD, description="another", defaults={"power": 1.0, "guided": False},
+                    replace=True)(toy_gradient_power)
+    assert METHODS[TOY_METHOD].description == "another"
+    METHODS[TOY_METHOD] = original  # the other tests use the first registration
+
+
 def test_toy_method_knows_itself_and_matches_stock_methods(toy_registry, real_batch) -> None:
     method = METHODS[TOY_METHOD]
     assert method.cost == "gradient" and not method.batched_targets and not method.has_convergence_delta()
@@ -138,9 +150,9 @@ def test_cli_explain_with_toy_model_and_method(toy_run, tmp_path, monkeypatch, c
     assert list(config.methods) == [TOY_METHOD, "grad_cam", "saliency"]
     assert config.settings.output == "sigmoid"
     # The HTML report shows the toy method's maps like any other's.
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
-    html = build_report([toy_run], tmp_path / "report.html", explain_dir=out).read_text()
+    html = build_report(ReportConfig([toy_run], tmp_path / "report.html", explain=out)).read_text()
     section = html[html.index('<section id="explain">'):]
     assert TOY_METHOD in section[: section.index("</section>")]
 

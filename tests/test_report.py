@@ -86,12 +86,12 @@ def study(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def report(study) -> tuple[Path, str]:
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
     root = study["root"]
-    out = build_report(study["runs"], root / "out" / "report.html", data=CXR3, ensemble_dir=root / "ensemble",
-                       explain_dir=root / "explain", nap_dir=root / "nap", score_dir=root / "score",
-                       ratings_db=root / "ratings.sqlite")
+    out = build_report(ReportConfig(
+        study["runs"], root / "out" / "report.html", data=CXR3, ensemble=root / "ensemble", explain=root / "explain",
+        nap=root / "nap", score=root / "score", ratings=root / "ratings.sqlite"))
     return out, out.read_text()
 
 
@@ -143,11 +143,11 @@ def test_report_tables_hold_the_numbers(report, study):
 
 
 def test_report_says_which_command_makes_missing_outputs(tmp_path):
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
     run = make_run(tmp_path / "fresh", 3)
-    text = build_report([run], tmp_path / "r.html", score_dir=tmp_path / "nothing",
-                        ratings_db=tmp_path / "none.sqlite").read_text()
+    text = build_report(ReportConfig([run], tmp_path / "r.html", score=tmp_path / "nothing",
+                                     ratings=tmp_path / "none.sqlite")).read_text()
     assert "cxrlens evaluate --run" in text
     assert "run `cxrlens score`" in text
     assert "reader study in `cxrlens serve`" in text

@@ -29,7 +29,7 @@ def toy_metric():
 
 
 def test_toy_metric_registered_outside_the_package_runs_end_to_end(toy_metric, tmp_path):
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
     runs = [make_run(tmp_path / "runs" / name, seed) for name, seed in (("a", 1), ("b", 2))]
     out = tmp_path / "card"
@@ -56,7 +56,7 @@ def test_toy_metric_registered_outside_the_package_runs_end_to_end(toy_metric, t
     focus = card.rankings["lung_focus"]
     assert focus[0]["model"] == ranking[0]["model"]  # the same order read from the other side
     # and the report shows the column
-    html = build_report(runs, tmp_path / "report.html", score_dir=out).read_text()
+    html = build_report(ReportConfig(runs, tmp_path / "report.html", score=out)).read_text()
     assert TOY in html
 
 

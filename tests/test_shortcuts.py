@@ -228,7 +228,7 @@ def test_a_gradient_method_finds_the_artifact_only_in_the_planted_model(tiny_tes
 
 @pytest.mark.slow
 def test_shortcut_test_writes_tables_figures_naps_and_detector(tiny_test, tmp_path):
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
     summary, out = tiny_test
     for name in ("reliance.csv", "focus.csv", "nap.csv", "detector.csv", "detector.json", "summary.md",
@@ -246,7 +246,7 @@ def test_shortcut_test_writes_tables_figures_naps_and_detector(tiny_test, tmp_pa
     assert all("thresholds:" in v["statements"][-1] for v in verdicts.values())  # every verdict states them
     assert "## 4. The shortcut detector, unchanged" in (out / "summary.md").read_text()
     run = out / "runs" / "resnet18-p1"
-    html = build_report([run], tmp_path / "r.html", shortcut_dir=out).read_text()
+    html = build_report(ReportConfig([run], tmp_path / "r.html", shortcut=out)).read_text()
     assert 'id="shortcut-test"' in html and "shortcut-focus" in html and "input_x_gradient" in html
 
 

@@ -415,12 +415,12 @@ def report(
     title: str = "cxrlens report",
 ) -> None:
     """One self-contained HTML page with every result (images embedded, works offline)."""
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
-    path = build_report(
-        runs, out, data=data, ensemble_dir=ensemble, explain_dir=explain, nap_dir=nap, score_dir=score,
-        ratings_db=ratings, split=split, title=title, shortcut_dir=shortcut,
-    )
+    path = build_report(ReportConfig(
+        runs=runs, out=out, data=data, ensemble=ensemble, explain=explain, nap=nap, score=score,
+        shortcut=shortcut, ratings=ratings, split=split, title=title,
+    ))
     typer.echo(f"report written to {path}")
 
 

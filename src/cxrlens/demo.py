@@ -66,18 +66,12 @@ def run_demo(config: DemoConfig) -> dict:
     explain_examples(run_dirs, out / "explain", config.image_size)
     scorecard(run_dirs, out / "scorecard")
     shortcut_dir = shortcut_test(out / "shortcut", config.image_size) if config.shortcut else None
-    from cxrlens.report import build_report
+    from cxrlens.report import ReportConfig, build_report
 
-    report = build_report(
-        run_dirs,
-        out / "report.html",
-        ensemble_dir=out / "ensemble",
-        explain_dir=out / "explain",
-        nap_dir=out / "nap",
-        score_dir=out / "scorecard",
-        shortcut_dir=shortcut_dir,
-        title="cxrlens demo: five CNNs on cxr3",
-    )
+    report = build_report(ReportConfig(
+        runs=run_dirs, out=out / "report.html", ensemble=out / "ensemble", explain=out / "explain",
+        nap=out / "nap", score=out / "scorecard", shortcut=shortcut_dir, title="cxrlens demo: five CNNs on cxr3",
+    ))
     print(f"outputs under {out}/: one run folder per model (weights, config.json, history.csv, eval-test/ with")
     print("metrics.json, metrics.md, confusion.png, roc.png), ensemble/soft and ensemble/majority, f1_table.md,")
     print("nap/ (Neuron Activation Profiles of the test split: nap_*.npz, nap_stats.json, figures),")

@@ -24,7 +24,9 @@ class Registry(dict[str, T], Generic[T]):
     def add(self, name: str, entry: T, replace: bool = False) -> T:
         """Register ``entry`` as ``name``; a name already taken is an error unless ``replace``."""
         if name in self and not replace:
-            raise CxrlensError(f"a {self.kind} '{name}' is already registered; pick another name or pass replace=True")
+            article = "an" if self.kind[:1] in "aeiou" else "a"
+            raise CxrlensError(f"{article} {self.kind} '{name}' is already registered; pick another name or pass "
+                               "replace=True")
         self[name] = entry
         return entry
 

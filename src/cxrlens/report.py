@@ -1,7 +1,7 @@
 """One self-contained HTML report of a study: data, training, metrics beside the paper's, ensembles,
 explanations, NAPs, the scorecard with shortcut verdicts and the reader study.
 
-``build_report(run_dirs, out_html, ...)`` reads the files the other commands leave in run folders and
+``build_report(ReportConfig(runs, out, ...))`` reads the files the other commands leave in run folders and
 output folders; it computes nothing expensive (no inference). Every image is embedded as a base64
 PNG and the small table-sorting script is inline, so the file opens offline and can be mailed. A
 section whose files are missing says which command makes them.
@@ -14,8 +14,10 @@ import html
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -466,135 +468,168 @@ def _ratings_section(ratings_db: Path) -> str:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def build_report(
-    run_dirs: Sequence[str | Path],
-    out_html: str | Path,
-    *,
-    data: str | Path | None = None,
-    ensemble_dir: str | Path | None = None,
-    explain_dir: str | Path | None = None,
-    nap_dir: str | Path | None = None,
-    score_dir: str | Path | None = None,
-    ratings_db: str | Path | None = None,
-    split: str = "test",
-    title: str = "cxrlens report",
-    shortcut_dir: str | Path | None = None,
-) -> Path:
-    """Write one self-contained HTML report of ``run_dirs`` (and, when given, the ensemble, explain,
-    NAP, scorecard and shortcut-test output folders and the reader-study database) to ``out_html``;
-    returns its path.
+@dataclass(frozen=True)
+class ReportConfig:
+    """What ``cxrlens report`` puts on the page: run folders, and optionally the data set and the output
+    folders of the other commands (each one adds its section)."""
+
+    runs: Sequence[str | Path]
+    out: str | Path = "runs/report.html"
+    data: str | Path | None = None  # default: the first run's data set
+    ensemble: str | Path | None = None  # `cxrlens ensemble`
+    explain: str | Path | None = None  # `cxrlens explain`
+    nap: str | Path | None = None  # `cxrlens nap`
+    score: str | Path | None = None  # `cxrlens score`
+    shortcut: str | Path | None = None  # `cxrlens shortcut-test`
+    ratings: str | Path | None = None  # the reader-study database of `cxrlens serve`
+    split: str = "test"
+    title: str = "cxrlens report"
+
+
+@dataclass
+class _Inputs:
+    """The runs as read once, shared by every section."""
+
+    config: ReportConfig
+    runs: list[Path] = field(init=False)
+    names: list[str] = field(init=False)
+    configs: list[TrainConfig] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.config.runs:
+            raise CxrlensError("give at least one run folder")
+        self.runs = [Path(r) for r in self.config.runs]
+        self.configs = [TrainConfig.load(r) for r in self.runs]
+        self.names = unique_names(r.name for r in self.runs)
+
+    @cached_property
+    def results(self) -> dict[str, dict]:
+        """metrics.json of each evaluated run, then of each ensemble vote: name -> metrics."""
+        results = {name: _read_json(run / f"eval-{self.config.split}" / "metrics.json")
+                   for name, run in zip(self.names, self.runs, strict=True)
+                   if (run / f"eval-{self.config.split}" / "metrics.json").is_file()}
+        for vote, folder in self.ensemble_votes.items():
+            results[vote] = _read_json(folder / "metrics.json")
+        return results
+
+    @cached_property
+    def ensemble_votes(self) -> dict[str, Path]:
+        ensemble = Path(self.config.ensemble) if self.config.ensemble is not None else None
+        return {f"{vote} vote": ensemble / vote for vote in ("soft", "majority")
+                if ensemble is not None and (ensemble / vote / "metrics.json").is_file()}
+
+
+def _runs_section(inputs: _Inputs) -> str:
+    rows = [[name, c.model, c.image_size, c.epochs, c.batch_size, c.lr, c.taxonomy, c.data or "data/cxr3"]
+            for name, c in zip(inputs.names, inputs.configs, strict=True)]
+    return _table(["run", "architecture", "image size", "epochs", "batch", "learning rate", "taxonomy", "data"],
+                  rows, table_id="run-settings", caption="Training settings of each run (config.json).")
+
+
+def _data_and_audit_section(inputs: _Inputs) -> str:
+    from cxrlens.data import load_manifest
+
+    first, data = inputs.configs[0], inputs.config.data
+    try:
+        manifest = load_manifest(data or first.data or None, first.tax, options=None if data else first.read_options)
+    except CxrlensError as exc:
+        return _missing(str(exc))
+    return _data_section(manifest) + _audit_section(manifest, dict(zip(inputs.names, inputs.configs, strict=True)))
+
+
+def _training_section(inputs: _Inputs) -> str:
+    histories = {name: pd.read_csv(run / "history.csv") for name, run in zip(inputs.names, inputs.runs, strict=True)
+                 if (run / "history.csv").is_file()}
+    if not histories:
+        return _missing("no history.csv in the run folders; train with `cxrlens train`.")
+    epochs = ", ".join(f"{n}: {len(h)}" for n, h in histories.items())
+    return _figure(_curves_figure(histories),
+                   f"Training curves from history.csv (epochs per run: {epochs}): BCE loss on the training split "
+                   "(dashed, mean over the epoch's batches) and the validation split (solid), and validation F1 "
+                   "averaged over classes at threshold 0.5.")
+
+
+def _metrics_section(inputs: _Inputs) -> str:
+    split, results = inputs.config.split, inputs.results
+    html_parts = []
+    if results:
+        html_parts.append(_f1_beside_study(results, list(inputs.configs[0].tax.classes)))
+        rows = [row for name, m in results.items() for row in _metrics_rows(name, m)]
+        html_parts.append(_table(
+            ["model", "class", "precision", "recall", "specificity", "F1", "AUROC", "support", "threshold"], rows,
+            table_id="class-metrics", caption=f"Per-class metrics on the {split} split (one-vs-rest; micro: pooled "
+                                              "counts, macro: mean over classes). Click a column to sort."))
+    missing = [f"`cxrlens evaluate --run {run}`" for name, run in zip(inputs.names, inputs.runs, strict=True)
+               if name not in results]
+    if missing:
+        html_parts.append(_missing("Not evaluated yet: " + ", ".join(missing) + "."))
+    return "".join(html_parts)
+
+
+def _evaluation_figures_section(inputs: _Inputs) -> str:
+    figures = [f"<h3>{_esc(name)}</h3>" + _eval_figures(run / f"eval-{inputs.config.split}", name,
+                                                         inputs.results[name])
+               for name, run in zip(inputs.names, inputs.runs, strict=True) if name in inputs.results]
+    return "".join(figures) or _missing("none yet")
+
+
+def _ensemble_section(inputs: _Inputs) -> str:
+    note = ("<p class='note'>Soft vote: mean of the models' sigmoid outputs, thresholded at the mean threshold "
+            "(what the study's code does). Majority vote: a class is positive when more than half the models say "
+            "so (what its abstract says); its score is the share of votes.</p>")
+    if not inputs.ensemble_votes:
+        return note + _missing(f"{inputs.config.ensemble} has no soft/ or majority/ metrics; run `cxrlens ensemble`.")
+    return note + "".join(f"<h3>{_esc(vote)}</h3>" + _eval_figures(folder, vote, inputs.results[vote])
+                          for vote, folder in inputs.ensemble_votes.items())
+
+
+def _from_folder(attribute: str, make: Callable[[Path], str]) -> Callable[[_Inputs], str]:
+    """A section made from one output folder (or file) named in the config."""
+    return lambda inputs: make(Path(getattr(inputs.config, attribute)))
+
+
+# Every section in page order: (id, heading, the config field that must be set for it or None, maker).
+SECTIONS: tuple[tuple[str, str, str | None, Callable[[_Inputs], str]], ...] = (
+    ("runs", "Runs", None, _runs_section),
+    ("data", "Data", None, _data_and_audit_section),
+    ("training", "Training", None, _training_section),
+    ("metrics", "Metrics beside the study", None, _metrics_section),
+    ("curves", "Confusion matrices and ROC curves", None, _evaluation_figures_section),
+    ("ensemble", "Ensembles", "ensemble", _ensemble_section),
+    ("explain", "Explanations: models x methods", "explain", _from_folder("explain", _explain_section)),
+    ("nap", "Neuron Activation Profiles", "nap", _from_folder("nap", _nap_section)),
+    ("scorecard", "Scorecard and shortcut verdicts", "score", _from_folder("score", _score_section)),
+    ("shortcut-test", "Planted shortcut: who finds it", "shortcut", _from_folder("shortcut", _shortcut_section)),
+    ("readers", "Reader study", "ratings", _from_folder("ratings", _ratings_section)),
+)
+
+
+def build_report(config: ReportConfig) -> Path:
+    """Write one self-contained HTML report of ``config.runs`` (and, when given, the ensemble, explain, NAP,
+    scorecard and shortcut-test output folders and the reader-study database) to ``config.out``; returns
+    its path.
 
     Metrics come from ``RUN/eval-<split>/metrics.json`` (``cxrlens evaluate``) and
     ``ENSEMBLE/{soft,majority}/metrics.json`` (``cxrlens ensemble``); nothing is recomputed.
     """
-    from cxrlens.data import load_manifest
-
-    if not run_dirs:
-        raise CxrlensError("give at least one run folder")
-    runs = [Path(r) for r in run_dirs]
-    configs = {r: TrainConfig.load(r) for r in runs}
-    names = unique_names(r.name for r in runs)
-    first = configs[runs[0]]
-    sections: list[tuple[str, str, str]] = []  # (id, heading, html)
-
-    # runs
-    run_rows = [[name, c.model, c.image_size, c.epochs, c.batch_size, c.lr, c.taxonomy, c.data or "data/cxr3"]
-                for name, c in zip(names, configs.values(), strict=True)]
-    sections.append(("runs", "Runs", _table(
-        ["run", "architecture", "image size", "epochs", "batch", "learning rate", "taxonomy", "data"], run_rows,
-        table_id="run-settings", caption="Training settings of each run (config.json).")))
-
-    # data
-    try:
-        manifest = load_manifest(data or first.data or None, first.tax, options=None if data else first.read_options)
-        sections.append(("data", "Data", _data_section(manifest)
-                         + _audit_section(manifest, dict(zip(names, configs.values(), strict=True)))))
-    except CxrlensError as exc:
-        sections.append(("data", "Data", _missing(str(exc))))
-
-    # training curves
-    histories = {}
-    for name, run in zip(names, runs, strict=True):
-        if (run / "history.csv").is_file():
-            histories[name] = pd.read_csv(run / "history.csv")
-    if histories:
-        epochs = ", ".join(f"{n}: {len(h)}" for n, h in histories.items())
-        curves = _figure(_curves_figure(histories),
-                         f"Training curves from history.csv (epochs per run: {epochs}): BCE loss on the training "
-                         "split (dashed, mean over the epoch's batches) and the validation split (solid), and "
-                         "validation F1 averaged over classes at threshold 0.5.")
-    else:
-        curves = _missing("no history.csv in the run folders; train with `cxrlens train`.")
-    sections.append(("training", "Training", curves))
-
-    # metrics
-    results: dict[str, dict] = {}
-    figures = []
-    missing = []
-    for name, run in zip(names, runs, strict=True):
-        folder = run / f"eval-{split}"
-        if (folder / "metrics.json").is_file():
-            results[name] = _read_json(folder / "metrics.json")
-            figures.append(f"<h3>{_esc(name)}</h3>" + _eval_figures(folder, name, results[name]))
-        else:
-            missing.append(f"`cxrlens evaluate --run {run}`")
-    ensemble_html = ""
-    if ensemble_dir is not None:
-        ens = Path(ensemble_dir)
-        found = False
-        for vote in ("soft", "majority"):
-            if (ens / vote / "metrics.json").is_file():
-                found = True
-                label = f"{vote} vote"
-                results[label] = _read_json(ens / vote / "metrics.json")
-                ensemble_html += f"<h3>{_esc(label)}</h3>" + _eval_figures(ens / vote, label, results[label])
-        if not found:
-            ensemble_html = _missing(f"{ens} has no soft/ or majority/ metrics; run `cxrlens ensemble`.")
-    classes = list(first.tax.classes)
-    if results:
-        metrics_html = _f1_beside_study(results, classes)
-        rows = [row for name, m in results.items() for row in _metrics_rows(name, m)]
-        metrics_html += _table(
-            ["model", "class", "precision", "recall", "specificity", "F1", "AUROC", "support", "threshold"], rows,
-            table_id="class-metrics", caption=f"Per-class metrics on the {split} split (one-vs-rest; micro: pooled "
-                                        "counts, macro: mean over classes). Click a column to sort.")
-    else:
-        metrics_html = ""
-    if missing:
-        metrics_html += _missing("Not evaluated yet: " + ", ".join(missing) + ".")
-    sections.append(("metrics", "Metrics beside the study", metrics_html))
-    sections.append(("curves", "Confusion matrices and ROC curves", "".join(figures) or _missing("none yet")))
-    if ensemble_dir is not None:
-        sections.append((
-            "ensemble", "Ensembles",
-            "<p class='note'>Soft vote: mean of the models' sigmoid outputs, thresholded at the mean threshold "
-            "(what the study's code does). Majority vote: a class is positive when more than half the models "
-            "say so (what its abstract says); its score is the share of votes.</p>" + ensemble_html))
-
-    optional = (("explain", "Explanations: models x methods", explain_dir, _explain_section),
-                ("nap", "Neuron Activation Profiles", nap_dir, _nap_section),
-                ("scorecard", "Scorecard and shortcut verdicts", score_dir, _score_section),
-                ("shortcut-test", "Planted shortcut: who finds it", shortcut_dir, _shortcut_section),
-                ("readers", "Reader study", ratings_db, _ratings_section))
-    for key, heading, folder, make in optional:
-        if folder is not None:
-            sections.append((key, heading, make(Path(folder))))
-
+    inputs = _Inputs(config)
+    sections = [(key, heading, make(inputs)) for key, heading, needs, make in SECTIONS
+                if needs is None or getattr(config, needs) is not None]
     toc = " ".join(f'<a href="#{key}">{_esc(heading)}</a>' for key, heading, _ in sections)
     body = "".join(f'<section id="{key}"><h2>{_esc(heading)}</h2>{content}</section>'
                    for key, heading, content in sections)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    title = config.title
     document = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
         f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
-        f'<p class="note">Generated {generated} by cxrlens from {len(runs)} run(s).</p>'
+        f'<p class="note">Generated {generated} by cxrlens from {len(inputs.runs)} run(s).</p>'
         '<p class="warning">Research results, not a diagnostic device. The images come from public collections '
         "whose sources correlate with the labels; read the scorecard's shortcut verdicts before trusting a "
         "number.</p>"
         f'<nav class="toc">{toc}</nav>{body}</main><script>{_SORT_JS}</script></body></html>'
     )
-    out = Path(out_html)
+    out = Path(config.out)
     atomic_write_text(out, document)
     return out
-

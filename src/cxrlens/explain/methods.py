@@ -68,6 +68,7 @@ from cxrlens.explain.occlusion import BF16_TOLERANCE, TOLERANCE, Approximation, 
 from cxrlens.explain.rewrite import explainable
 from cxrlens.explain.rules import EPS, DeepLiftHooks, GuidedState, guided_relus
 from cxrlens.models import MODELS
+from cxrlens.registry import Registry
 
 __all__ = [
     "COSTS", "METHODS", "Attribution", "Method", "MethodContext", "MethodResult", "UiParam", "attribute",
@@ -335,7 +336,7 @@ class Method:
         return attribute(model, images, targets, method=self.name, **kwargs)
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("attribution method")
 
 
 def register_method(
@@ -351,6 +352,7 @@ def register_method(
     wraps: bool = False,
     check: Callable[[dict[str, Any], tuple[int, int]], None] | None = None,
     ui: Sequence[UiParam] = (),
+    replace: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register the decorated function ``fn(ctx, images, params) -> MethodResult`` as method ``name``.
 
@@ -360,10 +362,9 @@ def register_method(
     function explains all targets at once (otherwise it is called once per target); wraps: the method
     applies another (parameter ``base``, whose parameters are ``base_params``) and that method's
     needs_rewrite and signedness flow through; check(params, (H, W)): raises CxrlensError for
-    parameters that do not fit the images; ui: the parameters an interactive front end may offer.
+    parameters that do not fit the images; ui: the parameters an interactive front end may offer;
+    replace: take the place of a method already registered under ``name``.
     """
-    if name in METHODS:
-        raise CxrlensError(f"attribution method '{name}' is already registered; pick another name")
     if cost not in COSTS:
         raise CxrlensError(f"method '{name}': cost must be one of {', '.join(COSTS)}, not '{cost}'")
     defaults = dict(defaults or {})
@@ -374,20 +375,18 @@ def register_method(
         raise CxrlensError(f"method '{name}': UI parameter '{unknown[0]}' is not one of its parameters")
 
     def decorator(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(
+        METHODS.add(name, Method(
             name=name, fn=fn, defaults=defaults, description=description, cost=cost,
             batched_targets=batched_targets, wraps=wraps, convergence_delta=convergence_delta,
             signed_rule=signed, rewrite_rule=needs_rewrite, check=check, ui=tuple(ui),
-        )
+        ), replace)
         return fn
 
     return decorator
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise CxrlensError(f"unknown attribution method '{name}'; choose one of: {', '.join(METHODS)}")
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 # --- parameters ----------------------------------------------------------------------------------
