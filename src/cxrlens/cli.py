@@ -510,7 +510,7 @@ def main() -> None:
         from click import exceptions as click_errors
 
     try:
-        status = app(standalone_mode=False)
+        status = app(prog_name="cxrlens", standalone_mode=False)  # not "python -m ..." in messages
         if isinstance(status, int) and status:  # a command's typer.Exit(code)
             sys.exit(status)
     except click_errors.NoArgsIsHelpError as exc:  # `cxrlens` alone: the help, as before
