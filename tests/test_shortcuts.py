@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CXR3, LUNGMASKS, XRAY
+from conftest import CXR3, LUNGMASKS, XRAY, run_cli
 from PIL import Image
 
 from cxrlens.data import Preprocess, load_manifest, read_image
@@ -250,18 +249,6 @@ def test_shortcut_test_writes_tables_figures_naps_and_detector(tiny_test, tmp_pa
     assert 'id="shortcut-test"' in html and "shortcut-focus" in html and "input_x_gradient" in html
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from cxrlens.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cxrlens", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["--cls", "Cardiomegaly"], "error: unknown class 'Cardiomegaly'; the classes are: COVID-19, Pneumonia, Normal"),
     (["--rates", "0,1.5"], "error: rate 1.5 is outside [0, 1]"),
@@ -272,7 +259,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 ])
 def test_bad_shortcut_test_input_is_one_line_and_writes_nothing(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    code, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(out), *args)
+    code, _, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(out), *args)
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert not out.exists()
 
@@ -280,8 +267,8 @@ def test_bad_shortcut_test_input_is_one_line_and_writes_nothing(args, message, t
 def test_a_class_the_data_lacks_is_an_error_before_writing(small_data, tmp_path, monkeypatch, capsys):
     normals = pd.read_csv(small_data)
     normals[normals["cls"] == "normal"].to_csv(tmp_path / "normals.csv", index=False)
-    code, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(tmp_path / "out"), "--data",
-                        str(tmp_path / "normals.csv"))
+    code, _, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(tmp_path / "out"), "--data",
+                           str(tmp_path / "normals.csv"))
     assert code == 2 and "no image has class 'COVID-19'" in err and not (tmp_path / "out").exists()
 
 
