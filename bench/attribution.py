@@ -116,9 +116,10 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int,
 
 
 def machine() -> str:
+    import captum
+
     return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch "
-            f"{torch.__version__}, load average {os.getloadavg()[0]:.1f} at the start (a shared machine: other "
-            "helpers ran tests and trained models at the same time)")
+            f"{torch.__version__}, captum {captum.__version__}, load average {os.getloadavg()[0]:.1f} at the start")
 
 
 # --- method x architecture ---------------------------------------------------------------------------
