@@ -5,7 +5,8 @@ Models: the registry's architectures (3 classes, seeded, untrained, in a trained
 3 target classes, sigmoid outputs (the study's setting). Captum is called once per target, as its API
 requires, on the same model; cxrlens explains all targets in one call, as a user calls it (the model
 as it is: the explainable rewrite happens on the first call and is cached, see ``first call`` below).
-Both get the same batch size for perturbations, IG steps and noise samples. Times are CPU seconds of
+Both get the same batch size for perturbations, IG steps and noise samples, and both return the
+convergence deltas of integrated gradients and DeepLIFT (cxrlens always does). Times are CPU seconds of
 this process (robust to other jobs on a shared machine with one torch thread), best of ``--repeats``
 runs that alternate between the two libraries after ``--warmup`` runs of each.
 
@@ -146,9 +147,11 @@ def captum_runs(model: nn.Module, name: str, x: torch.Tensor, args: argparse.Nam
         "saliency": per_target(lambda t: ca.Saliency(f).attribute(x, target=t)),
         "input_x_gradient": per_target(lambda t: ca.InputXGradient(f).attribute(x, target=t)),
         "guided_backprop": per_target(lambda t: ca.GuidedBackprop(f).attribute(x, target=t)),
+        # cxrlens returns IG's and DeepLIFT's convergence deltas: Captum is asked for them too (same outputs).
         "integrated_gradients": per_target(lambda t: ca.IntegratedGradients(f).attribute(
-            x, target=t, n_steps=args.ig_steps, internal_batch_size=args.max_batch)),
-        "deeplift": per_target(lambda t: ca.DeepLift(f).attribute(x, target=t)),
+            x, target=t, n_steps=args.ig_steps, internal_batch_size=args.max_batch,
+            return_convergence_delta=True)[0]),
+        "deeplift": per_target(lambda t: ca.DeepLift(f).attribute(x, target=t, return_convergence_delta=True)[0]),
         "grad_cam": per_target(grad_cam),
         "guided_grad_cam": per_target(lambda t: ca.GuidedGradCam(f, layer).attribute(x, target=t)),
         "smoothgrad": per_target(lambda t: ca.NoiseTunnel(ca.Saliency(f)).attribute(
