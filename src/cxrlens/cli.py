@@ -276,7 +276,7 @@ def explain(
     max_batch: Annotated[int, typer.Option(help="perturbations / integration steps per forward pass")] = 16,
     approximate: Annotated[bool, typer.Option(
         "--approximate", help="occlusion: sweep one window position in 2 per axis and interpolate the others "
-        "(about 4x faster); its error, measured against exact outputs, is in the JSON summary")] = False,
+        "(a quarter of the windows swept); its error, measured against exact outputs, is in the JSON summary")] = False,
     store: Annotated[bool, typer.Option(
         "--store", help="data-set scale: float16 maps in chunks with an index, no figures (resumable)")] = False,
     chunk_size: Annotated[int, typer.Option(help="images per chunk of --store")] = 32,
