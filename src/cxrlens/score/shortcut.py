@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -124,13 +125,17 @@ def source_probe(
     fold = _probe_folds(y, groups, folds, seed)
     predicted, majority, class_only = (np.empty_like(y) for _ in range(3))
     label_arr = np.asarray(labels) if labels is not None else np.zeros(len(y), dtype=str)
+    not_converged = 0  # folds whose L-BFGS stopped at max_iter (nearly separable features: still a usable fit)
     for k in np.unique(fold):
         train, test = fold != k, fold == k
         overall = np.bincount(y[train], minlength=len(names)).argmax()
         if len(np.unique(y[train])) < 2:  # a fold cannot learn; fall back to the majority source
             predicted[test] = overall
         else:
-            predicted[test] = _probe_model(int(train.sum())).fit(features[train], y[train]).predict(features[test])
+            with warnings.catch_warnings(record=True) as caught:  # recorded in the result, not printed
+                warnings.simplefilter("always", ConvergenceWarning)
+                predicted[test] = _probe_model(int(train.sum())).fit(features[train], y[train]).predict(features[test])
+            not_converged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
         majority[test] = overall
         for label in np.unique(label_arr[test]):
             same = train & (label_arr == label)
@@ -140,6 +145,7 @@ def source_probe(
     return {
         "n_images": int(len(y)),
         "folds": int(len(np.unique(fold))),
+        "folds_not_converged": int(not_converged),
         "sources": {str(n): int((y == i).sum()) for i, n in enumerate(names)},
         "accuracy": float((predicted == y).mean()),
         "balanced_accuracy": float(np.mean(list(recall.values()))),
