@@ -502,12 +502,16 @@ class _Inputs:
         self.configs = [TrainConfig.load(r) for r in self.runs]
         self.names = unique_names(r.name for r in self.runs)
 
+    def eval_dir(self, run: Path) -> Path:
+        """Where ``cxrlens evaluate`` left the run's metrics and figures for the report's split."""
+        return run / f"eval-{self.config.split}"
+
     @cached_property
     def results(self) -> dict[str, dict]:
         """metrics.json of each evaluated run, then of each ensemble vote: name -> metrics."""
-        results = {name: _read_json(run / f"eval-{self.config.split}" / "metrics.json")
+        results = {name: _read_json(self.eval_dir(run) / "metrics.json")
                    for name, run in zip(self.names, self.runs, strict=True)
-                   if (run / f"eval-{self.config.split}" / "metrics.json").is_file()}
+                   if (self.eval_dir(run) / "metrics.json").is_file()}
         for vote, folder in self.ensemble_votes.items():
             results[vote] = _read_json(folder / "metrics.json")
         return results
@@ -567,8 +571,7 @@ def _metrics_section(inputs: _Inputs) -> str:
 
 
 def _evaluation_figures_section(inputs: _Inputs) -> str:
-    figures = [f"<h3>{_esc(name)}</h3>" + _eval_figures(run / f"eval-{inputs.config.split}", name,
-                                                         inputs.results[name])
+    figures = [f"<h3>{_esc(name)}</h3>" + _eval_figures(inputs.eval_dir(run), name, inputs.results[name])
                for name, run in zip(inputs.names, inputs.runs, strict=True) if name in inputs.results]
     return "".join(figures) or _missing("none yet")
 
