@@ -45,14 +45,14 @@ def real_batch(cxr3_manifest):
     return torch.stack(images), torch.stack(targets)
 
 
-def make_run(path: Path, seed: int, size: int = 64) -> Path:
+def make_run(path: Path, seed: int, size: int = 64, fit: str = "pad") -> Path:
     """A run folder with untrained weights, written by the real writers: real loading code, no training time."""
     from cxrlens.models import create_model
     from cxrlens.runs import TrainConfig, save_model_weights
 
     torch.manual_seed(seed)
     path.mkdir(parents=True)
-    TrainConfig(model="resnet18", image_size=size, out=str(path)).save(path)
+    TrainConfig(model="resnet18", image_size=size, out=str(path), fit=fit).save(path)
     save_model_weights(create_model("resnet18", 3), path / "best.safetensors")
     return path
 

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import CXR3, dicom_bytes
 from PIL import Image
 
@@ -132,6 +133,21 @@ def test_preprocess_keeps_aspect_and_zero_pads():
     assert (out[:16] == 0).all() and (out[48:] == 0).all()  # padding above and below
     assert out[16:48].max() == pytest.approx(1.0, abs=0.01) and out[16:48, -1].min() > 0.95
     assert out[16:48, 0].max() < 0.05
+
+
+def test_crop_to_content_trims_bars_and_fills_the_square():
+    tall = np.tile(np.linspace(10, 1000, 100, dtype=np.float32), (200, 1))  # 200 x 100, content everywhere
+    barred = np.pad(tall, ((0, 0), (30, 30)), constant_values=10.0)  # black bars left and right: 200 x 160
+    crop = Preprocess(64, 0, 100, fit="crop")
+    out = crop(barred)[0].numpy()
+    assert out.shape == (64, 64)
+    # bars trimmed, short side (100) to 64, the long side centre-cropped: the full intensity ramp spans the width
+    assert out[:, 0].max() < 0.05 and out[:, -1].min() > 0.95
+    assert torch.equal(crop(barred), crop(tall))
+    assert (out[:, 1:] > 0).all()  # no padding: only the ramp's darkest column is 0
+    assert crop.label == "64px-crop" and Preprocess(64).label == "64px"
+    with pytest.raises(CxrlensError, match="unknown fit 'stretch'; choose one of: pad, crop"):
+        Preprocess(64, fit="stretch")
 
 
 def _sample_rows(n_per_class=2):

@@ -309,7 +309,7 @@ def test_bootstrap_ci():
 
 @pytest.fixture(scope="module")
 def mask_set():
-    return K.load_mask_set(LUNGMASKS, size=64)
+    return K.load_mask_set(LUNGMASKS, 64)
 
 
 def test_mask_set_on_the_vendored_data(mask_set):
@@ -333,19 +333,39 @@ def test_mask_set_on_the_vendored_data(mask_set):
     assert 0.2 < M.mask_share(lungs).mean() < 0.5
 
 
-def test_mask_geometry_matches_preprocess():
-    # a wide image with a bright rectangle: the mask of the rectangle must land where Preprocess puts it
-    image = np.full((90, 150), 10.0, dtype=np.float32)
+def test_mask_set_cropped_to_content_has_no_padding():
+    pad = K.load_mask_set(LUNGMASKS, 64, max_images=6)
+    crop = K.load_mask_set(LUNGMASKS, Preprocess(64, fit="crop"), max_images=6)
+    assert pad.masks["padding"].any() and not crop.masks["padding"].any()  # portrait and landscape images alike
+    assert crop.masks["image_region"].all()
+    assert torch.equal(crop.images, torch.stack([Preprocess(64, fit="crop")(K.read_image(p)).expand(3, -1, -1)
+                                                 for p in crop.frame["path"]]))
+    # cropping the long side loses some of the outside, never more than the lungs it keeps
+    assert (M.mask_share(crop.masks["lungs"]) >= M.mask_share(pad.masks["lungs"])).all()
+
+
+@pytest.mark.parametrize("fit", ["pad", "crop"])
+def test_mask_geometry_matches_preprocess(fit):
+    # a wide image (content everywhere, black bars burned into its top) with a bright rectangle: the mask of the
+    # rectangle must land where Preprocess puts the rectangle, whichever fit
+    image = np.tile(np.linspace(20, 60, 150, dtype=np.float32), (90, 1))
+    image[:10] = 0.0  # a black bar: crop trims it, pad keeps it
     image[20:60, 30:100] = 200.0
     mask = np.zeros((90, 150), dtype=np.uint8)
     mask[20:60, 30:100] = 255
     size = 48
-    pre = Preprocess(size)(image)[0] > 0.5
-    placed = torch.from_numpy(K.place_mask(mask, size))
+    preprocess = Preprocess(size, fit=fit)
+    geometry = preprocess.geometry(image)
+    pre = preprocess(image)[0] > 0.5
+    placed = torch.from_numpy(K.place_mask(mask, geometry))
     iou = (pre & placed).sum() / (pre | placed).sum()
     assert iou > 0.9
-    new_h, new_w, top, left = K.input_geometry(90, 150, size)
-    assert (new_h, new_w, top, left) == (29, 48, 9, 0)
+    if fit == "pad":  # long side 150 -> 48: 90 rows -> 29, centred
+        assert (geometry.content, geometry.resized, geometry.offset) == ((0, 90, 0, 150), (29, 48), (9, 0))
+        assert geometry.region().sum() == 29 * 48
+    else:  # the bar trimmed: 80 x 150 -> short side 48 -> 90 wide, 21 columns cropped on the left
+        assert (geometry.content, geometry.resized, geometry.offset) == ((10, 90, 0, 150), (48, 90), (0, -21))
+        assert geometry.region().all()
 
 
 def _copy_rows(tmp_path: Path, rows: int = 2) -> Path:

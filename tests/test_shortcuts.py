@@ -272,6 +272,21 @@ def test_a_class_the_data_lacks_is_an_error_before_writing(small_data, tmp_path,
     assert code == 2 and "no image has class 'COVID-19'" in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("sides", ["top-bottom", "left-right", "right"])
+def test_crop_to_content_removes_the_padding_shortcut(sides):
+    from cxrlens.score.masks import empty_border
+
+    pixels = read_image(XRAY)
+    planted = plant(pixels, ArtifactConfig("padding", size=0.2, band=sides), 0)
+    crop, pad = Preprocess(64, fit="crop"), Preprocess(64)
+    # with crop to content, the model input of the image with bars is the input without them, to the bit:
+    # the shortcut leaves nothing to learn
+    assert torch.equal(crop(planted.image), crop(pixels))
+    assert not torch.equal(pad(planted.image), pad(pixels))  # what the study's preprocessing lets through
+    assert empty_border(pad(planted.image)[None]).any()
+    assert not empty_border(crop(planted.image)[None]).any()  # and crop adds no padding of its own
+
+
 def test_random_placement_moves_the_content_and_keeps_it_whole():
     from cxrlens.data import RandomPlacement
 

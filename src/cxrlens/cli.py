@@ -88,6 +88,13 @@ def train(
         None
     ),
     schedule: Annotated[str | None, typer.Option(help="cosine or constant", show_default=_default("schedule"))] = None,
+    fit: Annotated[str | None, typer.Option(
+        help="pad (the study's: long side resized, zero-padded to a square) or crop (crop to content: black bars "
+             "trimmed, centre-cropped to a square; removes the padding shortcut)",
+        show_default=_default("fit"))] = None,
+    placement: Annotated[str | None, typer.Option(
+        help="centre, or random: the image sits anywhere in the square while training",
+        show_default=_default("placement"))] = None,
     early_stopping: Annotated[
         int | None, typer.Option(help="patience in epochs; 0 = off", show_default=_default("early_stopping"))
     ] = None,
@@ -375,7 +382,9 @@ def shortcut_test(
     batch_size: int = 16,
     max_images: Annotated[int | None, typer.Option(help="use at most this many training images")] = None,
     placement: Annotated[str, typer.Option(help="centre, or random: the image sits anywhere in the square while "
-                                                "training (against the padding shortcut)")] = "centre",
+                                                "training")] = "centre",
+    fit: Annotated[str, typer.Option(help="pad (the study's) or crop (crop to content: no padding; removes the "
+                                          "padding shortcut)")] = "pad",
     runs: Annotated[list[str] | None, typer.Option("--runs", help="existing run per rate, in order (repeat)")] = None,
     methods: Annotated[str, typer.Option(help="'all' or comma-separated attribution methods")] = "all",
     focus_images: Annotated[int, typer.Option(help="aligned test images explained")] = 24,
@@ -392,7 +401,7 @@ def shortcut_test(
         out=out, data=data, cls=cls, rates=parse_rates(rates), other_rate=other_rate, model=model, epochs=epochs,
         artifact=ArtifactConfig(kind=artifact, size=artifact_size, band=band, contrast=contrast, text=text),
         image_size=image_size, batch_size=batch_size, max_images=max_images, placement=placement,
-        runs=tuple(runs or ()),
+        fit=fit, runs=tuple(runs or ()),
         methods=() if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip()),
         focus_images=focus_images, detector=detector, thresholds=thresholds, seed=seed,
     )

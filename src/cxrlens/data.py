@@ -189,35 +189,111 @@ def _read_dicom(source, name: str | None = None) -> np.ndarray:
 # --- preprocessing -------------------------------------------------------------------------------
 
 
+FITS = ("pad", "crop")
+BLANK_LEVEL = 0.02  # crop's blank border: within 2 % of the raw range above the darkest value (JPEG noise on black)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the pixels of one source image land in the square model input."""
+
+    content: tuple[int, int, int, int]  # top, bottom, left, right of the source kept (crop: blank border trimmed)
+    resized: tuple[int, int]  # (height, width) of the kept part after resizing
+    offset: tuple[int, int]  # (top, left) of the resized part in the square; negative where it is cropped
+    size: int
+
+    def place(self, image: Image.Image, resample: Image.Resampling) -> np.ndarray:
+        """A PIL image of the source's shape -> [size, size] array; zeros where no content lands."""
+        top, bottom, left, right = self.content
+        resized = np.asarray(image.crop((left, top, right, bottom)).resize(self.resized[::-1], resample))
+        out = np.zeros((self.size, self.size), dtype=resized.dtype)
+        (y, x), (height, width) = self.offset, self.resized
+        src_y, src_x, dst_y, dst_x = max(0, -y), max(0, -x), max(0, y), max(0, x)
+        rows, cols = min(height - src_y, self.size - dst_y), min(width - src_x, self.size - dst_x)
+        out[dst_y : dst_y + rows, dst_x : dst_x + cols] = resized[src_y : src_y + rows, src_x : src_x + cols]
+        return out
+
+    def region(self) -> np.ndarray:
+        """bool [size, size]: the part of the input covered by the image (not zero padding)."""
+        out = np.zeros((self.size, self.size), dtype=bool)
+        (y, x), (height, width) = self.offset, self.resized
+        out[max(0, y) : y + height, max(0, x) : x + width] = True
+        return out
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """The study's preprocessing: intensities clipped and rescaled to [0, 1], long side resized
     (bicubic), zero-padded to a square. The study clipped 8-bit images at 207; we clip at
-    percentiles so 16-bit and DICOM images are handled the same way."""
+    percentiles so 16-bit and DICOM images are handled the same way.
+
+    ``fit="crop"`` (crop to content) removes the padding shortcut instead: the blank border of the file
+    (black bars) is trimmed, the short side resized and the long side centre-cropped, so the input has no
+    padding and an image's shape or bars tell the model nothing (RESULTS.md §5 measures both)."""
 
     size: int = 224
     clip_low: float = 0.5  # percentile
     clip_high: float = 99.5  # percentile
+    fit: str = "pad"  # "pad" (the study's) or "crop" (crop to content)
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise CxrlensError(f"unknown fit '{self.fit}'; choose one of: {', '.join(FITS)}")
+
+    @property
+    def label(self) -> str:
+        """A short name, e.g. "224px" or "224px-crop" (folder names of runs at different settings)."""
+        return f"{self.size}px" if self.fit == "pad" else f"{self.size}px-{self.fit}"
+
+    def geometry(self, pixels: np.ndarray) -> Geometry:
+        """Where ``pixels`` [H, W] (raw intensities) land in the input."""
+        full = (0, pixels.shape[0], 0, pixels.shape[1])
+        top, bottom, left, right = _content(pixels) if self.fit == "crop" else full
+        h, w = bottom - top, right - left
+        if self.fit == "crop":  # short side to size, the rest cropped (centred)
+            factor = self.size / min(h, w)
+            new_h, new_w = max(self.size, round(h * factor)), max(self.size, round(w * factor))
+        else:  # long side to size, the rest zero-padded (centred)
+            factor = self.size / max(h, w)
+            new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
+        offset = ((self.size - new_h) // 2, (self.size - new_w) // 2)
+        return Geometry((top, bottom, left, right), (new_h, new_w), offset, self.size)
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
         """[H, W] raw intensities -> [1, size, size] float32 in [0, 1]."""
-        low, high = np.percentile(pixels, [self.clip_low, self.clip_high])
+        geometry = self.geometry(pixels)
+        top, bottom, left, right = geometry.content
+        low, high = np.percentile(pixels[top:bottom, left:right], [self.clip_low, self.clip_high])
         if high <= low:
             high = low + 1.0
         scaled = np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32)
-        h, w = scaled.shape
-        factor = self.size / max(h, w)
-        new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
-        resized = Image.fromarray(scaled, mode="F").resize((new_w, new_h), Image.Resampling.BICUBIC)
-        out = np.zeros((self.size, self.size), dtype=np.float32)
-        top, left = (self.size - new_h) // 2, (self.size - new_w) // 2
-        out[top : top + new_h, left : left + new_w] = np.clip(np.asarray(resized), 0.0, 1.0)
-        return torch.from_numpy(out)[None]
+        placed = geometry.place(Image.fromarray(scaled, mode="F"), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.clip(placed, 0.0, 1.0))[None]
 
 
-def load_image_tensor(path: str | Path, size: int = 224) -> torch.Tensor:
-    """One image file -> [3, size, size] tensor ready for a model."""
-    return Preprocess(size)(read_image(path, size)).expand(3, -1, -1).contiguous()
+def _content(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """top, bottom, left, right of ``pixels`` without its blank border: the rows and columns at the edges
+    whose every value is within ``BLANK_LEVEL`` of the raw range above the darkest value. Black bars
+    added at the darkest value (another source's letterboxing, the planted ``padding`` artifact) leave
+    the darkest and brightest values alone, so an image with bars keeps exactly the content it had
+    without them."""
+    darkest = float(pixels.min())
+    blank = pixels <= darkest + BLANK_LEVEL * (float(pixels.max()) - darkest)
+    rows, cols = np.flatnonzero(~blank.all(1)), np.flatnonzero(~blank.all(0))
+    if len(rows) == 0:  # nothing but blank: keep it all
+        return 0, pixels.shape[0], 0, pixels.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def load_image_tensor(path: str | Path, preprocess: int | Preprocess = 224) -> torch.Tensor:
+    """One image file -> [3, size, size] tensor ready for a model (``preprocess``: the run's, or a size)."""
+    preprocess = as_preprocess(preprocess)
+    return preprocess(read_image(path, preprocess.size)).expand(3, -1, -1).contiguous()
+
+
+def as_preprocess(preprocess: int | Preprocess) -> Preprocess:
+    """A Preprocess, or the study's at a size."""
+    return preprocess if isinstance(preprocess, Preprocess) else Preprocess(int(preprocess))
 
 
 # --- manifests -----------------------------------------------------------------------------------
@@ -402,15 +478,16 @@ class XrayDataset(Dataset):
     epochs skip decoding; placement and augmentation, if any, run on the cached tensor. With ``disk_cache`` (a
     built :class:`cxrlens.datasets.cache.ImageCache` of these settings) images come from its memory map
     instead, at uint8 precision, and nothing is held in memory: the way to feed a GPU from a large set.
+    ``preprocess``: the run's :class:`Preprocess` (or an input size: the study's at that size).
     ``placement``: "centre" (the study's) or "random" (:class:`RandomPlacement`, for training).
     """
 
-    def __init__(self, manifest: Manifest, size: int = 224, augment=None, cache: bool = True, disk_cache=None,
-                 placement: str = "centre"):
+    def __init__(self, manifest: Manifest, preprocess: int | Preprocess = 224, augment=None, cache: bool = True,
+                 disk_cache=None, placement: str = "centre"):
         if placement not in PLACEMENTS:
             raise CxrlensError(f"unknown placement '{placement}'; choose one of: {', '.join(PLACEMENTS)}")
         self.manifest = manifest
-        self.preprocess = Preprocess(size)
+        self.preprocess = as_preprocess(preprocess)
         self.placement = RandomPlacement() if placement == "random" else None
         self.augment = augment
         self.disk_cache = disk_cache

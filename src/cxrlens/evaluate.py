@@ -284,7 +284,7 @@ def predict_manifest(run, manifest, batch_size: int = 32, progress: bool = False
     from cxrlens.data import XrayDataset
     from cxrlens.runs import predict
 
-    loader = DataLoader(XrayDataset(manifest, run.config.image_size, cache=False), batch_size=batch_size)
+    loader = DataLoader(XrayDataset(manifest, run.config.preprocess, cache=False), batch_size=batch_size)
     batches = progress_bar(loader, desc=f"predict {run.name}", enabled=progress)
     outs = [predict(run.model, images) for images, _ in batches]
     return torch.cat(outs).numpy() if outs else np.zeros((0, run.taxonomy.num_classes))

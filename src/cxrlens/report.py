@@ -524,9 +524,9 @@ class _Inputs:
 
 
 def _runs_section(inputs: _Inputs) -> str:
-    rows = [[name, c.model, c.image_size, c.epochs, c.batch_size, c.lr, c.taxonomy, c.data or "data/cxr3"]
+    rows = [[name, c.model, c.image_size, c.fit, c.epochs, c.batch_size, c.lr, c.taxonomy, c.data or "data/cxr3"]
             for name, c in zip(inputs.names, inputs.configs, strict=True)]
-    return _table(["run", "architecture", "image size", "epochs", "batch", "learning rate", "taxonomy", "data"],
+    return _table(["run", "architecture", "image size", "fit", "epochs", "batch", "learning rate", "taxonomy", "data"],
                   rows, table_id="run-settings", caption="Training settings of each run (config.json).")
 
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the CLI starts (and 
     import torch
     from torch import nn
 
+    from cxrlens.data import Preprocess
+
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 
@@ -76,10 +78,18 @@ class TrainConfig:
     skipped: list[str] = field(default_factory=list)  # manifest rows left out by --skip-missing
     data_fingerprint: str = ""  # of the images, labels and splits trained on (a resume checks it)
     placement: Literal["centre", "random"] = "centre"  # "random": the image sits anywhere in the square in training
+    fit: Literal["pad", "crop"] = "pad"  # "crop": crop to content, no padding (cxrlens.data.Preprocess)
 
     @property
     def tax(self) -> Taxonomy:
         return get_taxonomy(self.taxonomy)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The preprocessing of every image this run's model sees: training, evaluation, explanations, masks."""
+        from cxrlens.data import Preprocess
+
+        return Preprocess(self.image_size, fit=self.fit)
 
     @property
     def read_options(self):

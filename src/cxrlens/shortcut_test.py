@@ -78,7 +78,8 @@ class ShortcutTestConfig:
     batch_size: int = 16
     max_images: int | None = None
     train_seed: int = 1701
-    placement: str = "centre"  # "random": the remedy for the padding shortcut (cxrlens.data.RandomPlacement)
+    placement: str = "centre"  # "random": the image anywhere in the square in training (cxrlens.data.RandomPlacement)
+    fit: str = "pad"  # "crop": crop to content, the remedy for the padding shortcut (cxrlens.data.Preprocess)
     runs: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     method_params: dict = field(default_factory=dict)
@@ -116,10 +117,12 @@ class ShortcutTestConfig:
         for run in self.runs:
             if run and not (Path(run) / "config.json").is_file():
                 raise CxrlensError(f"{run} is not a run folder (no config.json); train one with `cxrlens train`")
-        from cxrlens.data import PLACEMENTS
+        from cxrlens.data import FITS, PLACEMENTS
 
         if self.placement not in PLACEMENTS:
             raise CxrlensError(f"unknown placement '{self.placement}'; choose one of: {', '.join(PLACEMENTS)}")
+        if self.fit not in FITS:
+            raise CxrlensError(f"unknown fit '{self.fit}'; choose one of: {', '.join(FITS)}")
         if self.focus_images < 1:
             raise CxrlensError("--focus-images must be at least 1")
         return self
@@ -167,7 +170,7 @@ def _train_or_reuse(config: ShortcutTestConfig, planted: PlantedDataset, rate: f
     train_config = TrainConfig(
         model=config.model, data=str(planted.labels), out=str(run_dir), epochs=config.epochs,
         image_size=config.image_size, batch_size=config.batch_size, max_images=config.max_images,
-        seed=config.train_seed, placement=config.placement,
+        seed=config.train_seed, placement=config.placement, fit=config.fit,
     )
     if config.progress:
         print(f"\n== training {config.model} with the artifact on {rate:g} of {planted.cls} "
@@ -296,8 +299,7 @@ def artifact_focus(runs: dict[float, LoadedRun], mask_csv: Path, index: int, con
     from cxrlens.score import metrics as M
     from cxrlens.score.masks import load_mask_set
 
-    size = next(iter(runs.values())).config.image_size
-    masks = load_mask_set(mask_csv, size, mask_columns=["artifact"])
+    masks = load_mask_set(mask_csv, next(iter(runs.values())).config.preprocess, mask_columns=["artifact"])
     order = np.random.default_rng(config.seed).permutation(len(masks))[: config.focus_images]
     masks = masks.select(np.sort(order))
     images, artifact = masks.images, masks.masks["artifact"]
@@ -362,12 +364,12 @@ def focus_table(focus: pd.DataFrame, config: ShortcutTestConfig) -> pd.DataFrame
 # --- 3. NAPs -------------------------------------------------------------------------------------
 
 
-def _paired_batches(clean: Any, planted: Any, size: int, batch_size: int = 16):
+def _paired_batches(clean: Any, planted: Any, preprocess: Any, batch_size: int = 16):
     """The same images without and with the artifact, labelled by a single 'artifact' column."""
     from cxrlens.data import XrayDataset
 
     for manifest, flag in ((clean, 0.0), (planted, 1.0)):
-        dataset = XrayDataset(manifest, size, cache=False)
+        dataset = XrayDataset(manifest, preprocess, cache=False)
         for start in range(0, len(dataset), batch_size):
             images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
             yield images, torch.full((len(images), 1), flag)
@@ -379,12 +381,12 @@ def artifact_naps(runs: dict[float, LoadedRun], clean: Any, planted: Any, config
     the same images without it (|d| >= :data:`SEPARATING_EFFECT`), and the strongest of them."""
     from cxrlens.nap import NapConfig, compute_naps
 
-    size = next(iter(runs.values())).config.image_size
+    preprocess = next(iter(runs.values())).config.preprocess
     names = {rate: f"{run.config.model}-{_rate_name(rate)}" for rate, run in runs.items()}
     nap_config = NapConfig(groups={"artifact": "artifact", "no artifact": "~artifact"},
-                           separate=("artifact", "no artifact"), progress=config.progress, image_size=size)
+                           separate=("artifact", "no artifact"), progress=config.progress, image_size=preprocess.size)
     results = compute_naps(
-        {names[r]: run.model for r, run in runs.items()}, _paired_batches(clean, planted, size), ("artifact",),
+        {names[r]: run.model for r, run in runs.items()}, _paired_batches(clean, planted, preprocess), ("artifact",),
         nap_config, architectures={names[r]: run.config.model for r, run in runs.items()},
         total=len(clean) + len(planted),
     )
@@ -627,6 +629,9 @@ def _load_runs(run_dirs: dict[float, Path], config: ShortcutTestConfig, num_clas
         if run.config.image_size != config.image_size:
             raise CxrlensError(f"{run.run_dir} was trained at {run.config.image_size} px; pass --image-size "
                                f"{run.config.image_size} (every run of a shortcut test shares one size)")
+        if run.config.fit != config.fit:
+            raise CxrlensError(f"{run.run_dir} was trained with --fit {run.config.fit}; pass --fit {run.config.fit} "
+                               "(every run of a shortcut test shares one preprocessing)")
         if run.taxonomy.num_classes != num_classes:
             raise CxrlensError(f"{run.run_dir} has {run.taxonomy.num_classes} outputs, the data {num_classes} classes")
     return runs

@@ -366,10 +366,9 @@ def image_cache(config: TrainConfig, manifests: list[Manifest], progress: bool =
     """The preprocessed image cache of ``--cache`` (None without), built for the images of ``manifests``."""
     if not config.cache:
         return None
-    from cxrlens.data import Preprocess
     from cxrlens.datasets.cache import ImageCache
 
-    cache = ImageCache(config.cache, Preprocess(config.image_size))
+    cache = ImageCache(config.cache, config.preprocess)
     cache.build([p for m in manifests for p in m.frame["path"]], progress=progress)
     return cache
 
@@ -387,7 +386,7 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None,
     augment = XrayAugment() if config.augment else None
     cache = image_cache(config, [train_set, val_set], progress)
     train = DataLoader(
-        TrainingImages(XrayDataset(train_set, config.image_size, disk_cache=cache, placement=config.placement),
+        TrainingImages(XrayDataset(train_set, config.preprocess, disk_cache=cache, placement=config.placement),
                        augment, config.seed),
         batch_size=config.batch_size,
         sampler=EpochOrder(len(train_set), config.seed),
@@ -396,7 +395,7 @@ def make_loaders(config: TrainConfig, manifest: Manifest | None = None,
         persistent_workers=config.num_workers > 0,
     )
     val = DataLoader(
-        XrayDataset(val_set, config.image_size, disk_cache=cache), batch_size=max(16, config.batch_size),
+        XrayDataset(val_set, config.preprocess, disk_cache=cache), batch_size=max(16, config.batch_size),
         num_workers=config.num_workers,
     )
     return train, val

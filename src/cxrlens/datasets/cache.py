@@ -37,6 +37,8 @@ INDEX_COLUMNS = ["path", "bytes", "mtime_ns", "shard", "slot"]
 def settings_key(preprocess) -> tuple[dict, str]:
     """The preprocessing settings (and the cache version) and their short hash: the cache folder's name."""
     settings = {**asdict(preprocess), "version": CACHE_VERSION, "dtype": "uint8"}
+    if settings["fit"] == "pad":  # the study's fit keeps the name caches had before crop existed
+        del settings["fit"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return settings, f"{preprocess.size}px-{digest}"
 

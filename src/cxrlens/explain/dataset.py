@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cxrlens import distributed
-from cxrlens.data import load_image_tensor
+from cxrlens.data import Preprocess, load_image_tensor
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.config import ExplainSettings
 from cxrlens.explain.methods import attribute, describe_params, get_method
@@ -163,7 +163,7 @@ class _Model:
     model: nn.Module
     explainable: nn.Module | None
     rewrite_error: str | None
-    size: int
+    preprocess: Preprocess
 
 
 def _prepare_models(job: DatasetJob) -> list[_Model]:
@@ -173,32 +173,32 @@ def _prepare_models(job: DatasetJob) -> list[_Model]:
     out = []
     for name, run in job.models.items():
         model = run.model.to(dev).eval()
-        size = run.config.image_size
+        preprocess = run.config.preprocess
         explainable, error = None, None
         if needs:
             try:  # the first image as the example: the same on every process
-                explainable = make_explainable(model, load_image_tensor(job.paths[0], size)[None].to(dev))
+                explainable = make_explainable(model, load_image_tensor(job.paths[0], preprocess)[None].to(dev))
             except CxrlensError as exc:
                 error = str(exc)
-        out.append(_Model(name, model, explainable, error, size))
+        out.append(_Model(name, model, explainable, error, preprocess))
     return out
 
 
 def _explain_chunk(job: DatasetJob, chunk: int, models: list[_Model], sink: Sink) -> None:
     positions = job.positions(chunk)
     dev = distributed.device()
-    images = {s: torch.stack([load_image_tensor(job.paths[i], s) for i in positions]).to(dev)
-              for s in dict.fromkeys(m.size for m in models)}
+    images = {p: torch.stack([load_image_tensor(job.paths[i], p) for i in positions]).to(dev)
+              for p in dict.fromkeys(m.preprocess for m in models)}
     with torch.inference_mode():
-        probs = [torch.sigmoid(torch.cat([m.model(x) for x in images[m.size].split(job.settings.max_batch)]).float())
-                 .cpu().numpy() for m in models]
+        probs = [torch.sigmoid(torch.cat([m.model(x) for x in images[m.preprocess].split(job.settings.max_batch)]))
+                 .float().cpu().numpy() for m in models]
     wanted = _chunk_targets(job, positions, probs)
     targets = [c for c in range(len(job.classes)) if wanted[:, c].any()]
     s = job.settings
     for m, p in zip(models, probs, strict=True):
         items = []
         for method, params in job.methods.items():
-            item = ChunkMaps(chunk, positions, m.name, method, m.model, images[m.size], None, targets,
+            item = ChunkMaps(chunk, positions, m.name, method, m.model, images[m.preprocess], None, targets,
                              wanted[:, targets], p, params)
             if targets and get_method(method).needs_rewrite(params) and m.explainable is None:
                 item.error = m.rewrite_error

@@ -67,15 +67,15 @@ def explain_runs(config: ExplainConfig, progress: bool = True, *, resume: bool =
     files, _ = _inputs(config, runs[0])
     ids = [f.stem for f in files]
     summary: dict = {"images": ids, "models": {}}
-    sizes = sorted({r.config.image_size for r in runs})
+    preprocesses = sorted({r.config.preprocess for r in runs}, key=lambda p: p.label)
     names = unique_names(r.name for r in runs)  # two runs may share a folder name
-    for size in sizes:  # models trained at one size are explained together, in one grid
-        group = [(name, r) for name, r in zip(names, runs, strict=True) if r.config.image_size == size]
-        batch = torch.stack([load_image_tensor(f, size) for f in files])
+    for preprocess in preprocesses:  # models that see the same input are explained together, in one grid
+        group = [(name, r) for name, r in zip(names, runs, strict=True) if r.config.preprocess == preprocess]
+        batch = torch.stack([load_image_tensor(f, preprocess) for f in files])
         chosen = _targets(config.targets, [r for _, r in group], batch, classes)
         part = explain_images(
             {name: r.model for name, r in group}, batch, classes, config.methods, chosen,
-            Path(config.out) if len(sizes) == 1 else Path(config.out) / f"{size}px",
+            Path(config.out) if len(preprocesses) == 1 else Path(config.out) / preprocess.label,
             image_ids=ids, settings=config.settings, progress=progress,
             architectures={name: r.config.model for name, r in group},
         )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from cxrlens import distributed
+from cxrlens.data import Preprocess
 from cxrlens.errors import CxrlensError
 from cxrlens.io import unique_names
 from cxrlens.models import MODELS
@@ -27,7 +28,7 @@ class _Entry:
     name: str
     model: nn.Module
     architecture: str | None  # registry name: default layers
-    image_size: int
+    preprocess: Preprocess
     run_dir: str | None = None
 
 
@@ -42,7 +43,8 @@ def _collect_models(runs: Any, image_size: int | None, classes: Sequence[str]) -
         for name, model in runs.items():
             if not isinstance(model, nn.Module):
                 raise CxrlensError(f"model '{name}' is a {type(model).__name__}, not a torch module")
-            out.append(_Entry(str(name), model, str(name) if str(name) in MODELS else None, image_size or 224))
+            architecture = str(name) if str(name) in MODELS else None
+            out.append(_Entry(str(name), model, architecture, Preprocess(image_size or 224)))
         return out
     runs = list(runs)
     for run in runs:
@@ -56,12 +58,14 @@ def _collect_models(runs: Any, image_size: int | None, classes: Sequence[str]) -
     if not runs:
         raise CxrlensError("no runs given for NAPs")
     names = unique_names(run.name for run in runs)  # two runs may share a folder name
-    return [_Entry(name, run.model, run.config.model, image_size or run.config.image_size, str(run.run_dir))
+    return [_Entry(name, run.model, run.config.model,
+                   replace(run.config.preprocess, size=image_size) if image_size else run.config.preprocess,
+                   str(run.run_dir))
             for name, run in zip(names, runs, strict=True)]
 
 
 def _profile(entries: list[_Entry], manifest: Any, classes: Sequence[str], config: NapConfig) -> dict[str, NapResult]:
-    """One pass over the images per distinct image size feeds every model of that size."""
+    """One pass over the images per distinct preprocessing feeds every model that sees those inputs."""
     from torch.utils.data import DataLoader
 
     from cxrlens.data import XrayDataset
@@ -70,14 +74,14 @@ def _profile(entries: list[_Entry], manifest: Any, classes: Sequence[str], confi
     n, size_ = len(manifest), config.batch_size
     # the batches one process would see; each process takes its share of them, whole (see cxrlens.distributed)
     batches = [list(range(k * size_, min((k + 1) * size_, n))) for k in distributed.owned(-(-n // size_))]
-    for size in dict.fromkeys(e.image_size for e in entries):
-        members = [e for e in entries if e.image_size == size]
-        dataset = XrayDataset(manifest, size, cache=False)  # no cache: memory stays flat
+    for preprocess in dict.fromkeys(e.preprocess for e in entries):
+        members = [e for e in entries if e.preprocess == preprocess]
+        dataset = XrayDataset(manifest, preprocess, cache=False)  # no cache: memory stays flat
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers)
         results.update(compute_naps(
             {e.name: e.model for e in members}, loader, classes, config,
             architectures={e.name: e.architecture for e in members if e.architecture is not None},
-            total=sum(len(b) for b in batches), image_size=size,
+            total=sum(len(b) for b in batches), image_size=preprocess.size,
         ))
     return {e.name: results[e.name] for e in entries}  # keep the given order
 

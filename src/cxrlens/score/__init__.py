@@ -1,6 +1,6 @@
 """Measured interpretability: a scorecard of models x attribution methods, and a shortcut detector.
 
-* :mod:`~cxrlens.score.masks` — ``load_mask_set(folder, size)``: images and radiologists' masks
+* :mod:`~cxrlens.score.masks` — ``load_mask_set(folder, preprocess)``: images and radiologists' masks
   aligned with the model input, plus a derived ``outside_body`` mask.
 * :mod:`~cxrlens.score.metrics` — batched metrics: lung focus / relevance mass accuracy
   (``mass_share``), ``relevance_rank_accuracy``, ``pointing_game``, deletion / insertion curves

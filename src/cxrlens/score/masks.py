@@ -3,8 +3,9 @@ the model input.
 
 A mask folder holds ``masks.csv`` with an ``image`` column and one column per mask, each a path
 relative to the folder (empty where the radiologists drew nothing of that kind), as in
-``data/lungmasks``. Masks are brought to the model input with exactly the geometry of
-:class:`cxrlens.data.Preprocess` (long side resized to ``size``, centred, zero-padded to a square),
+``data/lungmasks``. Masks are brought to the model input with exactly the geometry
+:class:`cxrlens.data.Preprocess` gives their image (the study's: long side resized to ``size``, centred,
+zero-padded to a square; crop to content: blank border trimmed, short side resized, centre-cropped),
 with nearest-neighbour sampling, so mask pixel (y, x) covers input pixel (y, x).
 
 Derived masks (always present when ``lungs`` is):
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from cxrlens.data import Preprocess, read_image
+from cxrlens.data import Geometry, Preprocess, as_preprocess, read_image
 from cxrlens.errors import CxrlensError
 
 KNOWN_MASKS = ("lungs", "left_lung", "right_lung", "heart", "opacity", "devices")
@@ -39,23 +40,11 @@ DERIVED_MASKS = ("image_region", "padding", "outside_body")
 BODY_MARGIN = 0.06  # dilation of lungs+heart, as a share of the input side
 
 
-def input_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left) of an image of ``height`` x ``width`` inside a ``size`` input:
-    the same arithmetic as :class:`cxrlens.data.Preprocess`."""
-    factor = size / max(height, width)
-    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
-    return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
-
-
-def place_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A 2-D 0/1 (or 0/255) mask of the original image -> bool [size, size] aligned with the model input."""
-    h, w = mask.shape
-    new_h, new_w, top, left = input_geometry(h, w, size)
+def place_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A 2-D 0/1 (or 0/255) mask of the original image -> bool [size, size] aligned with the model input,
+    ``geometry`` being its image's (``Preprocess.geometry(pixels)``)."""
     img = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L")
-    resized = np.asarray(img.resize((new_w, new_h), Image.Resampling.NEAREST)) >= 128
-    out = np.zeros((size, size), dtype=bool)
-    out[top : top + new_h, left : left + new_w] = resized
-    return out
+    return geometry.place(img, Image.Resampling.NEAREST) >= 128
 
 
 def disk(radius: float) -> torch.Tensor:
@@ -94,7 +83,7 @@ def empty_border(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class MaskSet:
     """Images and masks of a mask folder at one input size.
 
-    images: [N, 3, S, S] model input (``Preprocess(size)``); masks: name -> bool [N, S, S], all False
+    images: [N, 3, S, S] model input (the run's ``Preprocess``); masks: name -> bool [N, S, S], all False
     where the mask is absent; present: name -> bool [N], whether the row has that mask (derived masks
     are present wherever ``lungs`` is); frame: the CSV rows with an absolute ``path`` column.
     """
@@ -168,9 +157,9 @@ def _read_csv(folder: Path, max_images: int | None) -> tuple[Path, pd.DataFrame]
     return csv, frame.iloc[:max_images] if max_images is not None else frame
 
 
-def _read_row(csv: Path, frame: pd.DataFrame, i: int, columns: list[str], size: int,
-              preprocess: Preprocess) -> tuple[Path, torch.Tensor, tuple[int, int], dict[str, np.ndarray]]:
-    """Row ``i``: its image path, model input, original (h, w) and its masks at input size."""
+def _read_row(csv: Path, frame: pd.DataFrame, i: int, columns: list[str],
+              preprocess: Preprocess) -> tuple[Path, torch.Tensor, Geometry, dict[str, np.ndarray]]:
+    """Row ``i``: its image path, model input, where the image lies in the input and its masks there."""
     line = i + 2  # CSV line: header is line 1
     image_rel = str(frame["image"].iat[i]).strip()
     if not image_rel:
@@ -180,6 +169,7 @@ def _read_row(csv: Path, frame: pd.DataFrame, i: int, columns: list[str], size: 
         raise CxrlensError(f"{csv}, row {line}: image file missing: {image_path}")
     pixels = read_image(image_path)
     h, w = pixels.shape
+    geometry = preprocess.geometry(pixels)
     placed = {}
     for column in columns:
         rel = str(frame[column].iat[i]).strip()
@@ -192,8 +182,8 @@ def _read_row(csv: Path, frame: pd.DataFrame, i: int, columns: list[str], size: 
                 f"{csv}, row {line}, column '{column}': mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} "
                 f"but image {image_path.name} is {w}x{h}; masks must have exactly their image's size"
             )
-        placed[column] = place_mask(mask, size)
-    return image_path, preprocess(pixels).expand(3, -1, -1), (h, w), placed
+        placed[column] = place_mask(mask, geometry)
+    return image_path, preprocess(pixels).expand(3, -1, -1), geometry, placed
 
 
 def _derive(masks: dict[str, torch.Tensor], present: dict[str, torch.Tensor], region: torch.Tensor,
@@ -211,12 +201,13 @@ def _derive(masks: dict[str, torch.Tensor], present: dict[str, torch.Tensor], re
 
 def load_mask_set(
     folder: str | Path,
-    size: int = 224,
+    preprocess: int | Preprocess = 224,
     mask_columns: list[str] | None = None,
     body_margin: float = BODY_MARGIN,
     max_images: int | None = None,
 ) -> MaskSet:
-    """Read a mask folder (``masks.csv`` + files; or the CSV itself) at model input size ``size``.
+    """Read a mask folder (``masks.csv`` + files; or the CSV itself) as a model sees it: ``preprocess`` is
+    the run's :class:`cxrlens.data.Preprocess` (or an input size: the study's preprocessing at that size).
 
     ``mask_columns``: the mask columns to read; default: the known ones present
     (lungs, left_lung, right_lung, heart, opacity, devices) and any other column whose values are
@@ -228,18 +219,17 @@ def load_mask_set(
     columns = _mask_columns(frame, csv, mask_columns)
     if not columns:
         raise CxrlensError(f"{csv}: no mask columns found (e.g. 'lungs' with PNG paths); pass mask_columns")
-    preprocess = Preprocess(size)
-    n = len(frame)
+    preprocess = as_preprocess(preprocess)
+    n, size = len(frame), preprocess.size
     images = torch.empty(n, 3, size, size)
     masks = {c: torch.zeros(n, size, size, dtype=torch.bool) for c in columns}
     present = {c: torch.zeros(n, dtype=torch.bool) for c in columns}
     region = torch.zeros(n, size, size, dtype=torch.bool)
     paths = []
     for i in range(n):
-        image_path, images[i], (h, w), placed = _read_row(csv, frame, i, columns, size, preprocess)
+        image_path, images[i], geometry, placed = _read_row(csv, frame, i, columns, preprocess)
         paths.append(str(image_path.resolve()))
-        new_h, new_w, top, left = input_geometry(h, w, size)
-        region[i, top : top + new_h, left : left + new_w] = True
+        region[i] = torch.from_numpy(geometry.region())
         for column, mask in placed.items():
             masks[column][i] = torch.from_numpy(mask)
             present[column][i] = True

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrlens.data import Preprocess
 from cxrlens.errors import CxrlensError
 from cxrlens.explain.dataset import ChunkMaps, DatasetJob
 from cxrlens.explain.store import merge_chunks, write_chunk_index
@@ -77,24 +78,25 @@ class MetricSink:
         self.subsets = {"sanity": _subset(candidates, self.config.sanity_images, self.config.seed),
                         "robustness": _subset(candidates, self.config.robustness_images, self.config.seed + 1)}
         self.pending: dict[int, list[pd.DataFrame]] = {}
-        self._mask_sets: dict[int, tuple[MaskSet, dict, dict, dict[str, int]]] = {}
+        self._mask_sets: dict[Preprocess, tuple[MaskSet, dict, dict, dict[str, int]]] = {}
 
     def settings(self) -> dict[str, Any]:
         values = self.config.to_dict()
         return {"metrics": {k: v for k, v in values.items() if k not in ("progress", "method_params")}}
 
-    def _masks(self, size: int, positions: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    def _masks(self, preprocess: Preprocess,
+               positions: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         """Masks [B, S, S] and mask areas [B] of a chunk's images (none where the mask folder lacks them)."""
-        b = len(positions)
+        b, size = len(positions), preprocess.size
         if self.masks is None:
             return ({name: torch.zeros(b, size, size, dtype=torch.bool) for name in SCORING_MASKS},
                     {column: np.full(b, np.nan) for column in AREAS})
-        if size not in self._mask_sets:
-            mask_set = load_mask_set(self.masks, size)
+        if preprocess not in self._mask_sets:
+            mask_set = load_mask_set(self.masks, preprocess)
             masks, areas = _scoring_masks(mask_set)
             rows = {path: i for i, path in enumerate(mask_set.frame["path"])}
-            self._mask_sets[size] = (mask_set, masks, areas, rows)
-        _, masks, areas, rows = self._mask_sets[size]
+            self._mask_sets[preprocess] = (mask_set, masks, areas, rows)
+        _, masks, areas, rows = self._mask_sets[preprocess]
         found = [rows.get(str(Path(self.job.paths[p]).resolve())) for p in positions]
         out_masks = {name: torch.zeros(b, size, size, dtype=torch.bool) for name in masks}
         out_areas = {column: np.full(b, np.nan) for column in areas}
@@ -109,7 +111,7 @@ class MetricSink:
 
     def model_done(self, chunk: int, model: str, items: list[ChunkMaps]) -> None:
         positions = items[0].positions
-        masks, areas = self._masks(items[0].images.shape[-1], positions)
+        masks, areas = self._masks(self.job.models[model].config.preprocess, positions)
         subsets = {name: subset_positions(members, positions) for name, members in self.subsets.items()}
         shared: dict[int, dict] = {}  # per network: the random-order AUCs every method shares
         architecture = self.job.models[model].config.model

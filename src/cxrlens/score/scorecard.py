@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from cxrlens import distributed
+from cxrlens.data import Preprocess
 from cxrlens.errors import CxrlensError
 from cxrlens.io import save_figure, unique_names, write_json
 from cxrlens.runs import LoadedRun, atomic_write_text, load_run
@@ -121,7 +122,7 @@ def _shortcut_data(run: LoadedRun, config: ScoreConfig, device: torch.device) ->
     if config.split is not None and manifest.has_split:
         manifest = manifest.split(config.split)
     manifest = manifest.head(config.probe_images, config.seed)
-    dataset = XrayDataset(manifest, run.config.image_size, cache=False)
+    dataset = XrayDataset(manifest, run.config.preprocess, cache=False)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     features, logits = S.penultimate_features(run.model, images.to(device))
     probs = 1 / (1 + np.exp(-logits))
@@ -502,18 +503,18 @@ def run_scorecard(runs: Sequence[str | Path | LoadedRun], out_dir: str | Path,
 
 def _score_runs(loaded: list[LoadedRun], names: list[str], config: ScoreConfig) -> tuple[list, dict, dict, dict, dict]:
     """Per model: the image rows, randomisation results, gallery, shortcut data and the mask set
-    used (loaded once per input size)."""
+    used (loaded once per preprocessing: input size and fit)."""
     device = distributed.device(config.device)
-    cache: dict[int, MaskSet] = {}
+    cache: dict[Preprocess, MaskSet] = {}
     rows, sanity, galleries, shortcut, mask_sets = [], {}, {}, {}, {}
     for i, (run, name) in enumerate(zip(loaded, names, strict=True)):
-        size = run.config.image_size
-        if size not in cache:
-            cache[size] = load_mask_set(config.mask_dir, size, max_images=config.max_images)
-            if "lungs" not in cache[size].masks:
-                raise CxrlensError(f"{cache[size].csv}: a scorecard needs a 'lungs' mask column")
-        mask_sets[name] = cache[size]
-        model_rows, sanity[name], galleries[name] = score_model(run, name, cache[size], config)
+        preprocess = run.config.preprocess
+        if preprocess not in cache:
+            cache[preprocess] = load_mask_set(config.mask_dir, preprocess, max_images=config.max_images)
+            if "lungs" not in cache[preprocess].masks:
+                raise CxrlensError(f"{cache[preprocess].csv}: a scorecard needs a 'lungs' mask column")
+        mask_sets[name] = cache[preprocess]
+        model_rows, sanity[name], galleries[name] = score_model(run, name, cache[preprocess], config)
         rows.append(model_rows)
         if config.shortcut and i % distributed.world_size() == distributed.rank():  # one process per model
             shortcut[name] = _shortcut_data(run, config, device)

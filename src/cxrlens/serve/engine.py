@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrlens.data import MAX_PIXELS
+from cxrlens.data import MAX_PIXELS, Preprocess
 from cxrlens.errors import CxrlensError
 from cxrlens.io import unique_names
 
@@ -198,7 +198,7 @@ class ModelBank:
             value = STUDY_THRESHOLD if threshold == "study" else threshold
             t = np.broadcast_to(resolve_threshold(value, run.thresholds, run.run_dir), (len(self.classes),))
             self.members.append(Member(name, run, np.asarray(t, dtype=np.float64)))
-        self.sizes = sorted({m.run.config.image_size for m in self.members})
+        self.preprocesses = list(dict.fromkeys(m.run.config.preprocess for m in self.members))
 
     def info(self) -> list[dict]:
         return [
@@ -211,17 +211,15 @@ class ModelBank:
             for m in self.members
         ]
 
-    def preprocess(self, pixels: np.ndarray) -> dict[int, torch.Tensor]:
-        """Raw intensities -> {image size: [3, S, S] tensor} for every size the models need."""
-        from cxrlens.data import Preprocess
+    def preprocess(self, pixels: np.ndarray) -> dict[Preprocess, torch.Tensor]:
+        """Raw intensities -> {preprocessing: [3, S, S] tensor} for every preprocessing the models need."""
+        return {p: p(pixels).expand(3, -1, -1).contiguous() for p in self.preprocesses}
 
-        return {s: Preprocess(s)(pixels).expand(3, -1, -1).contiguous() for s in self.sizes}
-
-    def probabilities(self, images: dict[int, torch.Tensor]) -> np.ndarray:
-        """[models, n, classes] sigmoid outputs for a batch {size: [n, 3, S, S]}."""
+    def probabilities(self, images: dict[Preprocess, torch.Tensor]) -> np.ndarray:
+        """[models, n, classes] sigmoid outputs for a batch {preprocessing: [n, 3, S, S]}."""
         from cxrlens.runs import predict
 
-        return np.stack([predict(m.run.model, images[m.run.config.image_size]).numpy() for m in self.members])
+        return np.stack([predict(m.run.model, images[m.run.config.preprocess]).numpy() for m in self.members])
 
     def predictions(self, probs: np.ndarray) -> dict:
         """Per-model and ensemble predictions of ONE image from probs [models, classes]."""
@@ -250,7 +248,7 @@ class ModelBank:
             "positive": {c: bool(p > t) for c, p, t in zip(self.classes, probs, thresholds, strict=True)},
         }
 
-    def predict_image(self, tensors: dict[int, torch.Tensor]) -> dict:
+    def predict_image(self, tensors: dict[Preprocess, torch.Tensor]) -> dict:
         probs = self.probabilities({s: t[None] for s, t in tensors.items()})[:, 0, :]
         return self.predictions(probs)
 
@@ -284,7 +282,7 @@ class ModelBank:
             raise RequestError(400, str(exc)) from None
         return {"method": spec.name, "description": spec.description, "cls": self.classes[self.class_index(cls)]}
 
-    def explain(self, tensors: dict[int, torch.Tensor], method: str, cls: str | int,
+    def explain(self, tensors: dict[Preprocess, torch.Tensor], method: str, cls: str | int,
                 members: Sequence[str] | None = None, *, check: Callable[[], None] | None = None,
                 on_map: Callable[[dict], None] | None = None) -> dict:
         """Heat maps of ``method`` for class ``cls`` by each model (or the named ones).
@@ -301,12 +299,12 @@ class ModelBank:
                 on_map(maps[-1])
         return {**header, "maps": maps}
 
-    def _explain_member(self, member: Member, tensors: dict[int, torch.Tensor], header: dict,
+    def _explain_member(self, member: Member, tensors: dict[Preprocess, torch.Tensor], header: dict,
                         check: Callable[[], None] | None) -> dict:
         from cxrlens.explain import attribute
 
         method, size = header["method"], member.run.config.image_size
-        x = tensors[size][None]
+        x = tensors[member.run.config.preprocess][None]
         params = web_params(method, size)
         model = self._explain_model(member, method, params, x)
         with _calling_before_forward(model, check):
@@ -317,7 +315,7 @@ class ModelBank:
         return {
             "model": member.name,
             "arch": member.run.config.model,
-            "xray": data_url(grey_png(tensors[size])),
+            "xray": data_url(grey_png(tensors[member.run.config.preprocess])),
             "heatmap": data_url(png_bytes(heatmap_rgba(attr, signed))),
             "signed": signed,
             "score": float(result.scores[0, 0]) if result.scores is not None else None,
@@ -447,7 +445,7 @@ class TestSplit:
             if probs is None:
                 from cxrlens.runs import predict
 
-                dataset = XrayDataset(self.manifest, m.run.config.image_size, cache=False)
+                dataset = XrayDataset(self.manifest, m.run.config.preprocess, cache=False)
                 chunks = []
                 for start in range(0, len(dataset), batch_size):
                     batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])

@@ -48,7 +48,7 @@ def info(state: AppState = Depends(app_state)) -> dict:
     return {
         "classes": list(state.bank.classes),
         "models": state.bank.info(),
-        "methods": describe_methods(min(state.bank.sizes)),
+        "methods": describe_methods(min(p.size for p in state.bank.preprocesses)),
         "default_method": DEFAULT_METHOD,
         "max_upload_mb": config.max_upload_mb,
         "max_megapixels": config.max_pixels / 1e6,
