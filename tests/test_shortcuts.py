@@ -287,6 +287,21 @@ def test_crop_to_content_removes_the_padding_shortcut(sides):
     assert not empty_border(crop(planted.image)[None]).any()  # and crop adds no padding of its own
 
 
+@pytest.mark.slow
+def test_shortcut_test_with_crop_has_no_padding_shortcut_to_learn(small_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "crop"
+    code, _, err = run_cli(monkeypatch, capsys, "shortcut-test", "--out", str(out), "--data", str(small_data),
+                           "--artifact", "padding", "--fit", "crop", "--rates", "0,1", "--epochs", "1",
+                           "--image-size", "64", "--methods", "saliency", "--focus-images", "2", "--no-detector")
+    assert code == 0, err
+    reliance = pd.read_csv(out / "reliance.csv").set_index("rate")
+    # the planted images reach the model as the clean ones: nothing moves when the bars move
+    assert (reliance["aligned_auroc"] == reliance["swapped_auroc"]).all()
+    assert (reliance["aligned_f1"] == reliance["swapped_f1"]).all()
+    assert "The artifact never reaches the model's input" in (out / "summary.md").read_text()
+    assert json.loads((out / "runs" / "resnet18-p1" / "config.json").read_text())["fit"] == "crop"
+
+
 def test_random_placement_moves_the_content_and_keeps_it_whole():
     from cxrlens.data import RandomPlacement
 

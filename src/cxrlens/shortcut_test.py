@@ -321,8 +321,10 @@ def artifact_focus(runs: dict[float, LoadedRun], mask_csv: Path, index: int, con
             share = torch.nan_to_num(M.mass_share(maps, artifact), nan=0.0).numpy()
             area = M.mask_share(artifact).numpy()
             hit = np.where(empty, 0.0, M.pointing_game(maps, artifact).numpy())
+            # no ratio where the artifact never reaches the input (e.g. black bars under --fit crop)
+            ratio = np.divide(share, area, out=np.full_like(share, np.nan), where=area > 0)
             rows.append(pd.DataFrame({"rate": rate, "model": run.config.model, "run": run.name, "method": label,
-                                      "image": names, "share": share, "area": area, "ratio": share / area,
+                                      "image": names, "share": share, "area": area, "ratio": ratio,
                                       "hit": hit, "empty": empty}))
             gallery[rate][label] = maps[:keep].detach().clone()
     return FocusResult(pd.concat(rows, ignore_index=True), gallery, images[:keep], artifact[:keep])
@@ -578,11 +580,18 @@ def detector_markdown(table: pd.DataFrame) -> str:
                       "source spread"], rows)
 
 
+FIT_WORDS = {"pad": "zero-padded to a square, the study's", "crop": "cropped to content"}
+
+
 def summary_markdown(config: ShortcutTestConfig, tables: dict[str, pd.DataFrame], thresholds_source: str) -> str:
     text = (f"# Shortcut test: {config.artifact.describe()} on {config.cls}\n\n"
-            f"{config.model} at {config.image_size} px, {config.epochs} epochs, planting rates "
-            f"{', '.join(f'{r:g}' for r in config.rates)} (other classes {config.other_rate:g}); 95 % bootstrap "
-            "intervals over test images in brackets.\n\n## 1. Reliance\n\nF1 at the run's threshold (chosen on its "
+            f"{config.model} at {config.image_size} px ({FIT_WORDS[config.fit]}), {config.epochs} epochs, planting "
+            f"rates {', '.join(f'{r:g}' for r in config.rates)} (other classes {config.other_rate:g}); 95 % bootstrap "
+            "intervals over test images in brackets.\n\n")
+    if len(tables["focus"]) and (tables["focus"]["area"] == 0).all():
+        text += ("**The artifact never reaches the model's input** (its area share is 0 on every image): the "
+                 "preprocessing removes it, so there is nothing to learn or to explain.\n\n")
+    text += ("## 1. Reliance\n\nF1 at the run's threshold (chosen on its "
             "planted validation split) and AUROC of the class on the clean, aligned (artifact on the class only) "
             "and swapped (artifact on the other classes only) test sets.\n\n" + reliance_markdown(tables["reliance"]))
     text += ("\n## 2. Which explanation finds the artifact\n\nOn the aligned test images that carry it: positive "
