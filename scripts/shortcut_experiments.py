@@ -11,9 +11,11 @@ weights stay under --work; tables, figures and JSON (no weights, no images) are 
    the clean one: without an artifact the planted data equal the original);
 3. two more clean ResNet18 (other seeds), each evaluated on all four artifacts (more models without the
    shortcut, for the detector's false-flag rate);
-4. the padding artifact at p = 1 trained with random placement (the preprocessing remedy);
-5. the detector's calibration from every folder of steps 1-4, and the combined marker table and figure
-   (``marker.md``, ``marker.png``). ``--summarise`` redoes only step 5 from the folders already there.
+4. the padding artifact at p = 1 trained with random placement (a remedy that is not one);
+5. the padding artifact at p = 0 and 1 with crop to content (``fit="crop"``, the remedy), both runs trained
+   with it;
+6. the detector's calibration from every folder of steps 1-4, and the combined marker table and figure
+   (``marker.md``, ``marker.png``). ``--summarise`` redoes only step 6 from the folders already there.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def calibration_folders(work: Path) -> list[Path]:
 
 
 def summarise(work: Path, results: Path) -> None:
-    """Step 5: calibration, and the marker results of both architectures in one table and figure, with the
+    """Step 6: calibration, and the marker results of both architectures in one table and figure, with the
     detector's verdicts under the calibrated thresholds (in-sample and leave-one-run-out)."""
     folders = calibration_folders(work)
     source = (f"calibrated by scripts/shortcut_experiments.py on the planted runs in {results}/ "
@@ -148,7 +150,9 @@ def main() -> None:
                artifact=ArtifactConfig("padding"), rates=(0.0, 1.0), runs=(clean, ""), placement="random",
                **SETTINGS["resnet18"])
     log(f"padding p = 1 with centred placement for comparison: {padding_p1}")
-    summarise(work, results)  # 5
+    experiment(work, results, "padding-resnet18-crop", model="resnet18", artifact=ArtifactConfig("padding"),  # 5
+               rates=(0.0, 1.0), fit="crop", **SETTINGS["resnet18"])
+    summarise(work, results)  # 6
     log(f"all done: {time.process_time() - started:.0f} s of CPU in this process")
 
 

@@ -411,11 +411,13 @@ def artifact_naps(runs: dict[float, LoadedRun], clean: Any, planted: Any, config
 # --- 4. the shortcut detector, unchanged ---------------------------------------------------------
 
 
-def run_detector(run_dirs: dict[float, Path], planted: PlantedDataset, config: ShortcutTestConfig
-                 ) -> tuple[pd.DataFrame, dict]:
+def run_detector(run_dirs: dict[float, Path], planted: PlantedDataset, config: ShortcutTestConfig,
+                 reliance: dict[float, float]) -> tuple[pd.DataFrame, dict]:
     """The scorecard and shortcut detector on every run, as a user would run them: on the lung-mask
     images with the artifact on the class (aligned), and the probe on the aligned test set. Returns
-    one row per run (risk, flags, right or wrong) and the verdicts with their signals."""
+    one row per run (risk, flags, right or wrong) and the verdicts with their signals. ``reliance``: each
+    rate's AUROC drop from aligned to swapped; whether a run has the shortcut is judged as in the
+    calibration (:func:`_has_shortcut`: planted at p >= 0.5 *and* learned)."""
     from cxrlens.score import ScoreConfig, run_scorecard
     from cxrlens.score import shortcut as S
     from cxrlens.shortcuts import plant_mask_set
@@ -439,7 +441,7 @@ def run_detector(run_dirs: dict[float, Path], planted: PlantedDataset, config: S
                                   sanity=card.sanity.get(name), thresholds=thresholds)
         signals = S.detector_signals(rows, shortcut.get("probe"), shortcut.get("performance"))
         verdicts[name] = {**verdict, "rate": rate, "run": str(run_dir), "signals": signals}
-        truth = True if rate >= PLANTED_RATE else False if rate == 0 else None
+        truth = _has_shortcut(rate, reliance[rate])
         records.append({
             "model": config.model, "rate": rate, "run": name, "planted": truth, "risk": verdict["risk"],
             "attribution_flagged": verdict["attribution_flagged"],
@@ -607,7 +609,8 @@ def summary_markdown(config: ShortcutTestConfig, tables: dict[str, pd.DataFrame]
     if len(tables.get("detector", [])):
         text += ("\n## 4. The shortcut detector, unchanged\n\nScorecard on the lung-mask images with the artifact "
                  "on the class, probe on the aligned test set. Right = a location or padding flag for a model "
-                 f"trained with p >= {PLANTED_RATE:g}, none for p = 0. Thresholds from: {thresholds_source}.\n\n"
+                 f"trained with p >= {PLANTED_RATE:g} that learned the artifact (AUROC drop >= {LEARNED_RELIANCE:g}), "
+                 "none for p = 0; '–': planted but not learned, not judged. Thresholds from: {thresholds_source}.\n\n"
                  + detector_markdown(tables["detector"]))
     return text
 
@@ -681,7 +684,8 @@ def run_shortcut_test(config: ShortcutTestConfig) -> dict:
     detector_json: dict = {}
     if config.detector:
         _say(config, "the shortcut detector on the planted lung-mask images")
-        tables["detector"], detector_json = run_detector(run_dirs, first, config)
+        reliance = tables["reliance"].set_index("rate")["reliance_auroc"].to_dict()
+        tables["detector"], detector_json = run_detector(run_dirs, first, config, reliance)
     summary = _write_outputs(out, config, tables, focus, naps, detector_json)
     return summary
 
