@@ -8,8 +8,11 @@ batch 16 (224 px) a backward pass through a retained graph (what lets several cl
 took 1.9 s instead of 1.0 s (BENCHMARKS.md). PyTorch's CPU performance guide recommends a caching allocator
 (jemalloc, tcmalloc) for the same reason; glibc's own ``mallopt`` does the same job without a new dependency.
 
-The price: the process keeps the memory of its largest step until it exits (resident memory stays at its peak
-instead of falling back). ``CXRLENS_MALLOC=system`` keeps glibc's defaults.
+The price: the process keeps most of the memory of its largest step until it exits (resident memory stays near
+its peak instead of falling back). ``CXRLENS_MALLOC=system`` keeps glibc's defaults. Threads other than the main
+one allocate from glibc's per-thread heaps, which hold at most 64 MiB each: there, larger blocks are still mapped
+and unmapped each time (measured with glibc 2.36), so work in a worker thread (the web server's) gains only for
+smaller tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ CHOICES = ("keep", "system")
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 GIB = 1 << 30
 MMAP_THRESHOLD = GIB  # allocations below this come from the heap and stay there when freed
-MMAP_THRESHOLD_FALLBACK = 32 << 20  # glibc < 2.26 refuses more than HEAP_MAX_SIZE / 2 (32 MiB on 64-bit)
+MMAP_THRESHOLD_FALLBACK = 32 << 20  # older glibc refuses more than HEAP_MAX_SIZE / 2 (32 MiB); 2.36 takes 1 GiB
 TRIM_THRESHOLD = GIB  # free memory at the top of the heap is returned only beyond this
 TOP_PAD = 64 << 20  # the heap grows in steps of at least this (fewer brk calls; untouched pages cost nothing)
 # glibc reads these from the environment at start; a user who set them has chosen already.
