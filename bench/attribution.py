@@ -8,7 +8,10 @@ as it is: the explainable rewrite happens on the first call and is cached, see `
 Both get the same batch size for perturbations, IG steps and noise samples, and both return the
 convergence deltas of integrated gradients and DeepLIFT (cxrlens always does). Times are CPU seconds of
 this process (robust to other jobs on a shared machine with one torch thread), best of ``--repeats``
-runs that alternate between the two libraries after ``--warmup`` runs of each.
+runs that alternate between the two libraries after ``--warmup`` runs of each. The script sets the memory
+allocator at start as the cxrlens CLI does (``cxrlens.runtime.keep_freed_memory``: glibc keeps freed memory),
+so it measures what the CLI runs; Captum, in the same process, gets the same allocator. ``CXRLENS_MALLOC=system``
+measures with glibc's defaults. The machine line says which was used.
 
 Three modes:
 
@@ -48,6 +51,7 @@ from cxrlens.explain import attribute
 from cxrlens.explain.occlusion import Approximation, Runner, occluded_copy, sweep_grid, window_starts
 from cxrlens.explain.rewrite import explainable
 from cxrlens.models import MODELS, create_model
+from cxrlens.runtime import keep_freed_memory
 from cxrlens.testing import trained_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +60,7 @@ METHOD_NAMES = ("occlusion", "saliency", "input_x_gradient", "guided_backprop", 
                 "deeplift", "grad_cam", "guided_grad_cam", "smoothgrad")
 TARGETS = [0, 1, 2]
 STUDY = {"size": 512, "window": 50, "stride": 4}
+MALLOC = keep_freed_memory()  # before any tensor exists, as the CLI does; applies to Captum too (same process)
 
 
 def load_xrays(size: int, n: int) -> torch.Tensor:
@@ -120,7 +125,8 @@ def machine() -> str:
     import captum
 
     return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch "
-            f"{torch.__version__}, captum {captum.__version__}, load average {os.getloadavg()[0]:.1f} at the start")
+            f"{torch.__version__}, captum {captum.__version__}, load average {os.getloadavg()[0]:.1f} at the start; "
+            f"allocator (both libraries): {MALLOC.reason}")
 
 
 # --- method x architecture ---------------------------------------------------------------------------

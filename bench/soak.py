@@ -8,7 +8,8 @@ explain (Grad-CAM and saliency of the upload), an occlusion job polled to the en
 --abandon-after s), an oversize upload (413) and an upload from a foreign origin (403). Bounded by
 --seconds and --max-requests. Prints requests, failures by status (a failure is any status other than
 the expected one), p50/p95 latency per kind, and the server's resident memory after a warm-up round
-and at the end, which must stay within --rss-margin.
+and at the end, which must stay within --rss-margin. The server sets its allocator as ``cxrlens serve`` does
+(glibc keeps freed memory); ``CXRLENS_MALLOC=system`` in the environment runs it with glibc's defaults.
 
     .venv/bin/python bench/soak.py [--seconds 120] [--image-size 128] [--save bench/soak_results.md]
 """
@@ -147,6 +148,11 @@ def start_server(runs: list[Path], tmp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
 
 
+def malloc_choice() -> str:
+    """What the server subprocess (it inherits this environment) does with glibc's malloc at start."""
+    return os.environ.get("CXRLENS_MALLOC", "keep") or "keep"
+
+
 def report(soak: Soak, rss: list[tuple[float, float]], wall: float, args: argparse.Namespace) -> list[str]:
     total = sum(soak.outcomes.values())
     failures = sum(soak.failures.values())
@@ -164,6 +170,8 @@ def report(soak: Soak, rss: list[tuple[float, float]], wall: float, args: argpar
     lines.append(f"server RSS: {start:.0f} MB after the warm-up round, {end:.0f} MB at the end "
                  f"({(end - start) / start:+.1%}; allowed {args.rss_margin:+.0%}); samples: "
                  + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in shown))
+    lines.append(f"server's allocator: CXRLENS_MALLOC={malloc_choice()} (`serve` calls "
+                 "cxrlens.runtime.keep_freed_memory; keep: glibc keeps freed memory, system: glibc's defaults)")
     lines.append(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores available, load average "
                  f"{os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()}")
     return lines
@@ -200,7 +208,8 @@ def main() -> None:
     lines.insert(0, f"warm-up round (not counted below): {warm_up_failures} failures")
     print("\n".join(lines))
     if args.save:
-        command = f"$ .venv/bin/python bench/soak.py --seconds {args.seconds:g} --image-size {args.image_size}"
+        env = "CXRLENS_MALLOC=system " if malloc_choice() == "system" else ""
+        command = f"$ {env}.venv/bin/python bench/soak.py --seconds {args.seconds:g} --image-size {args.image_size}"
         block = f"\n## {time.strftime('%Y-%m-%d %H:%M')}\n\n```\n{command}\n" + "\n".join(lines) + "\n```\n"
         path = Path(args.save)
         path.write_text((path.read_text() if path.exists() else "# Web app soak test\n") + block)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cxrlens.errors import CxrlensError
+from cxrlens.runtime import keep_freed_memory, kept_freed_memory
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -222,7 +223,9 @@ def _child(local_rank: int, node_rank: int, launch: Launch, backend: str, init_m
     import torch
 
     started.put(local_rank)  # it got this far: imports and arguments are fine
-    fn, args, kwargs = call
+    fn, args, kwargs, keep_memory = call
+    if keep_memory:  # the starting process keeps freed memory (cxrlens.runtime): this one does too
+        keep_freed_memory()
     if launch.threads:
         torch.set_num_threads(launch.threads)
     global_rank = node_rank * launch.devices + local_rank
@@ -306,7 +309,7 @@ def _run_spawned(fn: Callable, args: tuple, kwargs: dict, launch: Launch, backen
     init_method = f"tcp://{host}:{port}"
     context = mp.get_context("spawn")
     errors, started = context.SimpleQueue(), context.SimpleQueue()
-    call = (fn, args, kwargs)
+    call = (fn, args, kwargs, kept_freed_memory())
     children = [context.Process(target=_child,
                                 args=(local, node_rank, launch, backend, init_method, errors, started, call))
                 for local in range(1, launch.devices)]

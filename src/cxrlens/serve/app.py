@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cxrlens.errors import CxrlensError
+from cxrlens.runtime import keep_freed_memory
 from cxrlens.serve.engine import RequestError
 from cxrlens.serve.guards import LOOPBACK_HOSTS, BodyLimit, SameOrigin
 from cxrlens.serve.routers import ROUTERS
@@ -108,6 +109,7 @@ def serve(
     host names; behind a wildcard (0.0.0.0, ::) give the names clients use as ``allowed_hosts``."""
     import uvicorn
 
+    keep_freed_memory()  # as the CLI does: also when the server is started from Python (bench/soak.py)
     options["allowed_hosts"] = hosts_for_bind(host, options.get("allowed_hosts", ()))
     if host_name(host) not in LOOPBACK_HOSTS:
         print(f"warning: serving on {host}: anyone who can reach this address can upload images and read "
