@@ -243,7 +243,9 @@ def test_shortcut_test_writes_tables_figures_naps_and_detector(tiny_test, tmp_pa
     assert (detector["correct"] == (detector["attribution_flagged"] == detector["planted"])).all()
     verdicts = json.loads((out / "detector.json").read_text())["verdicts"]
     assert all("thresholds:" in v["statements"][-1] for v in verdicts.values())  # every verdict states them
-    assert "## 4. The shortcut detector, unchanged" in (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text()
+    assert "## 4. The shortcut detector, unchanged" in text
+    assert f"Thresholds from: {summary['thresholds_source']}." in text  # where they came from, spelled out
     run = out / "runs" / "resnet18-p1"
     html = build_report(ReportConfig([run], tmp_path / "r.html", shortcut=out)).read_text()
     assert 'id="shortcut-test"' in html and "shortcut-focus" in html and "input_x_gradient" in html

@@ -610,7 +610,7 @@ def summary_markdown(config: ShortcutTestConfig, tables: dict[str, pd.DataFrame]
         text += ("\n## 4. The shortcut detector, unchanged\n\nScorecard on the lung-mask images with the artifact "
                  "on the class, probe on the aligned test set. Right = a location or padding flag for a model "
                  f"trained with p >= {PLANTED_RATE:g} that learned the artifact (AUROC drop >= {LEARNED_RELIANCE:g}), "
-                 "none for p = 0; '–': planted but not learned, not judged. Thresholds from: {thresholds_source}.\n\n"
+                 f"none for p = 0; '–': planted but not learned, not judged. Thresholds from: {thresholds_source}.\n\n"
                  + detector_markdown(tables["detector"]))
     return text
 
