@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrlens.data import Preprocess
 from cxrlens.errors import CxrlensError
 from cxrlens.io import figure_png, progress_bar, save_figure, write_json
 from cxrlens.runs import LoadedRun, atomic_write_bytes, atomic_write_text
@@ -366,7 +367,7 @@ def focus_table(focus: pd.DataFrame, config: ShortcutTestConfig) -> pd.DataFrame
 # --- 3. NAPs -------------------------------------------------------------------------------------
 
 
-def _paired_batches(clean: Any, planted: Any, preprocess: Any, batch_size: int = 16):
+def _paired_batches(clean: Any, planted: Any, preprocess: Preprocess, batch_size: int = 16):
     """The same images without and with the artifact, labelled by a single 'artifact' column."""
     from cxrlens.data import XrayDataset
 
