@@ -520,7 +520,7 @@ def main() -> None:
         from click import exceptions as click_errors
 
     try:
-        keep_freed_memory()  # glibc keeps freed tensors' memory: gradients of big models ~1.4x faster (BENCHMARKS.md)
+        keep_freed_memory()  # glibc keeps freed memory: big models' gradients 1.2-1.5x faster (BENCHMARKS.md)
         status = app(prog_name="cxrlens", standalone_mode=False)  # not "python -m ..." in messages
         if isinstance(status, int) and status:  # a command's typer.Exit(code)
             sys.exit(status)

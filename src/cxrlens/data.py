@@ -205,7 +205,9 @@ class Geometry:
     def place(self, image: Image.Image, resample: Image.Resampling) -> np.ndarray:
         """A PIL image of the source's shape -> [size, size] array; zeros where no content lands."""
         top, bottom, left, right = self.content
-        resized = np.asarray(image.crop((left, top, right, bottom)).resize(self.resized[::-1], resample))
+        if self.content != (0, image.height, 0, image.width):  # the study's fit keeps it all: no copy
+            image = image.crop((left, top, right, bottom))
+        resized = np.asarray(image.resize(self.resized[::-1], resample))
         out = np.zeros((self.size, self.size), dtype=resized.dtype)
         (y, x), (height, width) = self.offset, self.resized
         src_y, src_x, dst_y, dst_x = max(0, -y), max(0, -x), max(0, y), max(0, x)

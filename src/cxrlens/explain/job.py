@@ -67,7 +67,7 @@ def explain_runs(config: ExplainConfig, progress: bool = True, *, resume: bool =
     files, _ = _inputs(config, runs[0])
     ids = [f.stem for f in files]
     summary: dict = {"images": ids, "models": {}}
-    preprocesses = sorted({r.config.preprocess for r in runs}, key=lambda p: p.label)
+    preprocesses = sorted({r.config.preprocess for r in runs}, key=lambda p: (p.size, p.fit))
     names = unique_names(r.name for r in runs)  # two runs may share a folder name
     for preprocess in preprocesses:  # models that see the same input are explained together, in one grid
         group = [(name, r) for name, r in zip(names, runs, strict=True) if r.config.preprocess == preprocess]
